@@ -1,0 +1,1 @@
+"""speech-serve: an inference service for speech encoder-decoder models."""

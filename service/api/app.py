@@ -1,0 +1,49 @@
+"""The app factory: `create_app(settings)` wires settings, engine, routes and error handlers."""
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from service.api import errors
+from service.api.limits import BodySizeLimit
+from service.api.routes import health, models, transcriptions
+from service.engine.engine import Engine
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app. The model loads in the lifespan; `/ready` is 503 until it has warmed up."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = await asyncio.to_thread(Engine.load, settings)
+        engine.start()
+        app.state.engine = engine
+        log.info(
+            "ready: serving %s on %d worker(s)", settings.served_name, len(engine.pool.workers)
+        )
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(engine.stop)
+
+    app = FastAPI(
+        title="speech-serve",
+        summary="OpenAI-compatible speech-to-text for speech encoder-decoder models",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.engine = None
+    errors.install(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
+    app.include_router(health.router)
+    app.include_router(models.router)
+    app.include_router(transcriptions.router)
+    return app

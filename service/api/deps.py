@@ -1,0 +1,25 @@
+"""Dependencies shared by the routes: settings and engine from the app's state."""
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from service.engine.engine import Engine
+from service.errors import Unavailable
+from service.settings import Settings
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_engine(request: Request) -> Engine:
+    engine: Engine | None = request.app.state.engine
+    if engine is None:
+        raise Unavailable("the model is still loading")
+    return engine
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+EngineDep = Annotated[Engine, Depends(get_engine)]

@@ -1,0 +1,239 @@
+"""`POST /v1/audio/transcriptions` and `/v1/audio/translations`, as the OpenAI API has them."""
+
+import asyncio
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+
+from service.api import render
+from service.api.deps import EngineDep, SettingsDep
+from service.api.schemas import ERROR_RESPONSES, TranscriptionJSON, TranscriptionVerbose
+from service.audio import decode_audio
+from service.engine.engine import ClientGone, Engine
+from service.engine.types import GenerationParams, Task
+from service.errors import InvalidRequest, ModelNotFound
+from service.settings import Settings
+
+router = APIRouter(tags=["audio"], responses=ERROR_RESPONSES)
+
+_RESPONSES: dict[int | str, dict[str, object]] = {
+    200: {
+        "description": "The transcript in the requested `response_format`",
+        "content": {
+            "application/json": {
+                "schema": {
+                    "anyOf": [
+                        {"$ref": "#/components/schemas/TranscriptionJSON"},
+                        {"$ref": "#/components/schemas/TranscriptionVerbose"},
+                    ]
+                }
+            },
+            "text/plain": {"schema": {"type": "string"}},
+        },
+    }
+}
+
+FileField = Annotated[UploadFile, File(description="Audio: WAV, FLAC, OGG/Vorbis, Opus or MP3")]
+ModelField = Annotated[str | None, Form(description="Model name (GET /v1/models); default: it")]
+LanguageField = Annotated[str | None, Form(max_length=32, description="Language (ISO 639-1)")]
+PromptField = Annotated[str | None, Form(description="Context for models that take a prompt")]
+FormatField = Annotated[render.ResponseFormat, Form()]
+TemperatureField = Annotated[float, Form(ge=0, le=2, description="0: greedy; > 0: sampling")]
+BeamsField = Annotated[int, Form(ge=1, description="Beam width (capped by settings)")]
+SampleField = Annotated[bool, Form(description="Multinomial sampling")]
+TopKField = Annotated[int | None, Form(ge=0, description="Sampling: keep the k best tokens")]
+TopPField = Annotated[float | None, Form(gt=0, le=1, description="Sampling: nucleus mass")]
+MaxTokensField = Annotated[int | None, Form(ge=1, description="Tokens to generate at most")]
+PenaltyField = Annotated[float, Form(gt=0, le=10, description="Repetition penalty")]
+SeedField = Annotated[int | None, Form(ge=0, le=2**32 - 1, description="Sampling seed")]
+TimeoutField = Annotated[float | None, Form(gt=0, description="Deadline in seconds (capped)")]
+
+
+def _params(
+    settings: Settings,
+    task: Task,
+    language: str | None,
+    prompt: str | None,
+    temperature: float,
+    num_beams: int,
+    do_sample: bool,
+    top_k: int | None,
+    top_p: float | None,
+    max_new_tokens: int | None,
+    repetition_penalty: float,
+    seed: int | None,
+) -> GenerationParams:
+    if num_beams > settings.max_num_beams:
+        raise InvalidRequest(
+            f"num_beams is {num_beams}; the limit is {settings.max_num_beams}", param="num_beams"
+        )
+    if max_new_tokens is not None and max_new_tokens > settings.max_new_tokens:
+        raise InvalidRequest(
+            f"max_new_tokens is {max_new_tokens}; the limit is {settings.max_new_tokens}",
+            param="max_new_tokens",
+        )
+    if prompt is not None and len(prompt) > settings.max_prompt_chars:
+        raise InvalidRequest(
+            f"prompt is {len(prompt)} characters; the limit is {settings.max_prompt_chars}",
+            param="prompt",
+        )
+    sample = do_sample or temperature > 0
+    return GenerationParams(
+        task=task,
+        language=language or None,
+        num_beams=num_beams,
+        do_sample=sample,
+        temperature=temperature if temperature > 0 else 1.0,
+        top_k=top_k if sample else None,
+        top_p=top_p if sample else None,
+        max_new_tokens=max_new_tokens or min(settings.max_new_tokens, 128),
+        repetition_penalty=repetition_penalty,
+        seed=seed if sample else None,
+        prompt=prompt or None,
+    )
+
+
+async def _disconnected(request: Request) -> None:
+    """Resolves when the client closes the connection (the body is already read)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _handle(
+    request: Request,
+    engine: Engine,
+    settings: Settings,
+    task: Task,
+    file: UploadFile,
+    model: str | None,
+    response_format: render.ResponseFormat,
+    params: GenerationParams,
+    timeout: float | None,
+) -> Response:
+    if model is not None and model not in (settings.served_name, *settings.model_aliases):
+        raise ModelNotFound(
+            f"model {model!r} is not loaded; GET /v1/models lists what is", param="model"
+        )
+    engine.adapter.validate(params)
+    data = await file.read()
+    audio = await asyncio.to_thread(
+        decode_audio,
+        data,
+        sample_rate=engine.info.sampling_rate,
+        max_seconds=settings.max_audio_seconds,
+        max_channels=settings.max_channels,
+    )
+    del data
+    duration = len(audio) / engine.info.sampling_rate
+    try:
+        result = await engine.transcribe(
+            audio, params, timeout=timeout, client_gone=_disconnected(request)
+        )
+    except ClientGone:
+        return Response(status_code=499)  # nobody reads it; ends the request cleanly
+    language = params.language or (engine.info.languages[0] if engine.info.languages else "en")
+    temperature = params.temperature if params.do_sample else 0.0
+    if response_format == "text":
+        return PlainTextResponse(result.text)
+    if response_format == "json":
+        return JSONResponse(render.as_json(result, duration).model_dump())
+    verbose = render.as_verbose(result, duration, task, language, temperature)
+    if response_format == "verbose_json":
+        return JSONResponse(verbose.model_dump())
+    if response_format == "srt":
+        return PlainTextResponse(render.as_srt(verbose.segments))
+    return PlainTextResponse(render.as_vtt(verbose.segments), media_type="text/vtt")
+
+
+@router.post(
+    "/v1/audio/transcriptions",
+    responses=_RESPONSES,
+    response_model=None,
+    summary="Transcribe an audio file",
+)
+async def transcriptions(
+    request: Request,
+    engine: EngineDep,
+    settings: SettingsDep,
+    file: FileField,
+    model: ModelField = None,
+    language: LanguageField = None,
+    prompt: PromptField = None,
+    response_format: FormatField = "json",
+    temperature: TemperatureField = 0.0,
+    num_beams: BeamsField = 1,
+    do_sample: SampleField = False,
+    top_k: TopKField = None,
+    top_p: TopPField = None,
+    max_new_tokens: MaxTokensField = None,
+    repetition_penalty: PenaltyField = 1.0,
+    seed: SeedField = None,
+    timeout: TimeoutField = None,
+) -> Response:
+    params = _params(
+        settings,
+        "transcribe",
+        language,
+        prompt,
+        temperature,
+        num_beams,
+        do_sample,
+        top_k,
+        top_p,
+        max_new_tokens,
+        repetition_penalty,
+        seed,
+    )
+    return await _handle(
+        request, engine, settings, "transcribe", file, model, response_format, params, timeout
+    )
+
+
+@router.post(
+    "/v1/audio/translations",
+    responses=_RESPONSES,
+    response_model=None,
+    summary="Translate an audio file (into English, or `language` where supported)",
+)
+async def translations(
+    request: Request,
+    engine: EngineDep,
+    settings: SettingsDep,
+    file: FileField,
+    model: ModelField = None,
+    language: LanguageField = None,
+    prompt: PromptField = None,
+    response_format: FormatField = "json",
+    temperature: TemperatureField = 0.0,
+    num_beams: BeamsField = 1,
+    do_sample: SampleField = False,
+    top_k: TopKField = None,
+    top_p: TopPField = None,
+    max_new_tokens: MaxTokensField = None,
+    repetition_penalty: PenaltyField = 1.0,
+    seed: SeedField = None,
+    timeout: TimeoutField = None,
+) -> Response:
+    params = _params(
+        settings,
+        "translate",
+        language or "en",
+        prompt,
+        temperature,
+        num_beams,
+        do_sample,
+        top_k,
+        top_p,
+        max_new_tokens,
+        repetition_penalty,
+        seed,
+    )
+    return await _handle(
+        request, engine, settings, "translate", file, model, response_format, params, timeout
+    )
+
+
+__all__ = ["TranscriptionJSON", "TranscriptionVerbose", "router"]

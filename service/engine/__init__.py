@@ -1,0 +1,1 @@
+"""Model adapter, scheduler and device workers. Knows nothing of HTTP."""

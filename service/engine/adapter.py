@@ -1,0 +1,288 @@
+"""The one place that knows how to load a checkpoint and turn audio into text with it.
+
+Serves any `SpeechEncoderDecoderModel` folder (wav2vec2 / HuBERT encoders fed `input_values`;
+BERT, GPT-2, BART decoders) and any `AutoModelForSpeechSeq2Seq` folder fed `input_features`
+(Speech2Text, Whisper). Generation uses the KV cache and runs the encoder once per batch.
+"""
+
+import dataclasses
+import json
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import (
+    AutoConfig,
+    AutoFeatureExtractor,
+    AutoModelForSpeechSeq2Seq,
+    AutoTokenizer,
+    PreTrainedModel,
+    SpeechEncoderDecoderModel,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
+
+from service.engine.types import GenerationParams
+from service.errors import InvalidRequest, StartupError, Unsupported
+
+log = logging.getLogger(__name__)
+_seed_lock = threading.Lock()  # seeded sampling touches torch's global RNG
+
+
+@dataclasses.dataclass
+class Decoded:
+    """One row of a batch's output."""
+
+    text: str
+    tokens: list[int]
+    logprobs: list[float]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """What the API reports about the loaded model."""
+
+    name: str
+    architecture: str  # e.g. "wav2vec2+bert" or "speech_to_text"
+    encoder: str
+    decoder: str
+    sampling_rate: int
+    input_name: str  # input_values | input_features
+    padding_invariant: bool  # does batching with padding leave a row's output unchanged?
+    can_translate: bool
+    languages: tuple[str, ...]
+
+
+class _Cancelled(StoppingCriteria):
+    """Marks rows finished as soon as their request is no longer wanted."""
+
+    def __init__(self, wanted: Callable[[], list[bool]], rows: int) -> None:
+        self.wanted = wanted
+        self.rows = rows
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **_: Any) -> Any:
+        alive = self.wanted()
+        per_beam = input_ids.shape[0] // self.rows
+        done = torch.tensor([not a for a in alive for _ in range(per_beam)])
+        return done.to(input_ids.device)
+
+
+def _require(value: object, what: str, fix: str) -> None:
+    if value is None:
+        raise StartupError(f"checkpoint is missing {what}: {fix}")
+
+
+class ModelAdapter:
+    """A loaded checkpoint on one device: features → generate → detokenize."""
+
+    def __init__(
+        self, model_dir: Path, name: str, device: str = "cpu", dtype: str = "auto"
+    ) -> None:
+        self.model_dir = model_dir
+        self.device = torch.device(device)
+        self.dtype = self._dtype(dtype, self.device)
+        config_file = model_dir / "config.json"
+        if not config_file.is_file():
+            raise StartupError(
+                f"{model_dir} has no config.json: point STT_MODEL_DIR at a "
+                "folder written by save_pretrained"
+            )
+        config = AutoConfig.from_pretrained(model_dir)
+        try:
+            self.feature_extractor = AutoFeatureExtractor.from_pretrained(model_dir)
+        except (OSError, ValueError) as exc:
+            raise StartupError(
+                f"checkpoint {model_dir} has no feature extractor ({exc}); save one beside the "
+                "weights: feature_extractor.save_pretrained(folder)"
+            ) from exc
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        except (OSError, ValueError, TypeError) as exc:
+            raise StartupError(
+                f"checkpoint {model_dir} has no usable tokenizer ({exc}); save the decoder's "
+                "tokenizer beside the weights: tokenizer.save_pretrained(folder)"
+            ) from exc
+        model_cls: Any = (
+            SpeechEncoderDecoderModel
+            if config.model_type == "speech-encoder-decoder"
+            else AutoModelForSpeechSeq2Seq
+        )
+        try:
+            model: PreTrainedModel = model_cls.from_pretrained(model_dir, dtype=self.dtype)
+        except (OSError, ValueError, KeyError) as exc:
+            raise StartupError(f"cannot load weights from {model_dir}: {exc}") from exc
+        self.model = model.to(self.device).eval()
+        self._check_generation_ids()
+        self.info = self._describe(name, config)
+        log.info(
+            "loaded %s (%s) on %s as %s", name, self.info.architecture, self.device, self.dtype
+        )
+
+    @staticmethod
+    def _dtype(name: str, device: torch.device) -> torch.dtype:
+        if name == "auto":
+            return torch.float16 if device.type == "cuda" else torch.float32
+        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[
+            name
+        ]
+
+    def _check_generation_ids(self) -> None:
+        gen = self.model.generation_config
+        cfg = self.model.config
+        for attr in ("decoder_start_token_id", "pad_token_id", "eos_token_id"):
+            value = getattr(gen, attr, None)
+            if value is None:
+                value = getattr(cfg, attr, None)
+                setattr(gen, attr, value)
+            _require(
+                value,
+                f"`{attr}`",
+                f"set model.config.{attr} (e.g. from the tokenizer) and save again; "
+                "`python -m model_store compose` does this for you",
+            )
+
+    def _describe(self, name: str, config: Any) -> ModelInfo:
+        if config.model_type == "speech-encoder-decoder":
+            encoder, decoder = config.encoder.model_type, config.decoder.model_type
+            arch = f"{encoder}+{decoder}"
+        else:
+            encoder = decoder = arch = config.model_type
+        input_name = self.feature_extractor.model_input_names[0]
+        masks = bool(getattr(self.feature_extractor, "return_attention_mask", False))
+        # Whisper pads every input to 30 s, so its rows never see each other's padding.
+        invariant = masks or config.model_type == "whisper"
+        lang_codes = getattr(self.tokenizer, "lang_code_to_id", None) or {}
+        whisper = config.model_type == "whisper"
+        languages = tuple(sorted(lang_codes)) if lang_codes else ()
+        card = self.model_dir / "service.json"
+        extra = json.loads(card.read_text()) if card.is_file() else {}
+        if not languages:
+            languages = tuple(extra.get("languages", ()))
+        return ModelInfo(
+            name=name,
+            architecture=arch,
+            encoder=encoder,
+            decoder=decoder,
+            sampling_rate=int(self.feature_extractor.sampling_rate),
+            input_name=input_name,
+            padding_invariant=invariant,
+            can_translate=whisper or bool(lang_codes),
+            languages=languages,
+        )
+
+    # --- request-side checks (run before queueing) ---
+
+    def validate(self, params: GenerationParams) -> None:
+        """Reject what this model cannot do, before the request costs a queue slot."""
+        if params.task == "translate" and not self.info.can_translate:
+            raise Unsupported(
+                f"model {self.info.name} ({self.info.architecture}) cannot translate: its "
+                "decoder has no target-language tokens",
+                param="model",
+            )
+        codes = getattr(self.tokenizer, "lang_code_to_id", None)
+        if params.language and codes and self._language_code(params.language) is None:
+            raise InvalidRequest(f"unknown language {params.language!r}", param="language")
+
+    def _language_code(self, language: str) -> str | None:
+        codes: dict[str, int] = getattr(self.tokenizer, "lang_code_to_id", None) or {}
+        for code in codes:
+            if code == language or code.split("_")[0] == language:
+                return code
+        return None
+
+    # --- the model call ---
+
+    def features(self, audios: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
+        """Padded model inputs (and attention mask where the extractor gives one)."""
+        feats = self.feature_extractor(
+            list(audios),
+            sampling_rate=self.info.sampling_rate,
+            padding=True,
+            return_attention_mask=self.info.padding_invariant,
+            return_tensors="pt",
+        )
+        out = {self.info.input_name: feats[self.info.input_name].to(self.device, self.dtype)}
+        if "attention_mask" in feats and self.info.padding_invariant:
+            out["attention_mask"] = feats["attention_mask"].to(self.device)
+        return out
+
+    def generate_kwargs(self, params: GenerationParams) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": params.max_new_tokens,
+            "num_beams": params.num_beams,
+            "do_sample": params.do_sample,
+            "repetition_penalty": params.repetition_penalty,
+            "use_cache": True,
+            "return_dict_in_generate": True,
+            "output_scores": True,
+        }
+        if params.do_sample:
+            kwargs["temperature"] = params.temperature
+            kwargs["top_k"] = params.top_k if params.top_k is not None else 0
+            kwargs["top_p"] = params.top_p if params.top_p is not None else 1.0
+        if self.model.config.model_type == "whisper":
+            kwargs["task"] = params.task
+            if params.language:
+                kwargs["language"] = params.language
+        elif params.language or params.task == "translate":
+            code = self._language_code(params.language or "en")
+            if code is not None:
+                kwargs["forced_bos_token_id"] = self.tokenizer.lang_code_to_id[code]
+        return kwargs
+
+    @torch.inference_mode()
+    def transcribe(
+        self,
+        audios: Sequence[np.ndarray],
+        params: GenerationParams,
+        wanted: Callable[[], list[bool]] | None = None,
+    ) -> list[Decoded]:
+        """Decode a batch that shares `params`; `wanted()` lets cancelled rows stop early."""
+        inputs = self.features(audios)
+        kwargs = self.generate_kwargs(params)
+        if wanted is not None:
+            kwargs["stopping_criteria"] = StoppingCriteriaList([_Cancelled(wanted, len(audios))])
+        if params.do_sample and params.seed is not None:
+            with _seed_lock, torch.random.fork_rng(devices=self._rng_devices()):
+                torch.manual_seed(params.seed)
+                out = self.model.generate(**inputs, **kwargs)
+        else:
+            out = self.model.generate(**inputs, **kwargs)
+        return self._decode(out)
+
+    def _rng_devices(self) -> list[int]:
+        return [self.device.index or 0] if self.device.type == "cuda" else []
+
+    def _decode(self, out: Any) -> list[Decoded]:
+        sequences = out.sequences
+        scores = self.model.compute_transition_scores(
+            sequences, out.scores, getattr(out, "beam_indices", None), normalize_logits=True
+        )
+        generated = sequences[:, -scores.shape[1] :] if scores.shape[1] else sequences[:, :0]
+        special = set(self.tokenizer.all_special_ids)
+        pad = self.model.generation_config.pad_token_id
+        eos = self.model.generation_config.eos_token_id
+        eos_ids = set(eos) if isinstance(eos, list) else {eos}
+        rows = []
+        for ids_t, lp_t in zip(generated.tolist(), scores.float().tolist(), strict=True):
+            tokens, logprobs = [], []
+            for token, logprob in zip(ids_t, lp_t, strict=True):
+                if token in eos_ids:
+                    break
+                if token == pad or token in special or not np.isfinite(logprob):
+                    continue
+                tokens.append(token)
+                logprobs.append(round(float(logprob), 4))
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            rows.append(Decoded(text=text, tokens=tokens, logprobs=logprobs))
+        return rows
+
+    def warm_up(self) -> None:
+        """One generate on a second of silence: allocations and kernels happen before traffic."""
+        silence = np.zeros(self.info.sampling_rate, dtype=np.float32)
+        self.transcribe([silence], GenerationParams(max_new_tokens=4))

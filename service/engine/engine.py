@@ -1,0 +1,114 @@
+"""The engine's face to the rest of the service: load, submit, await, stop."""
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Awaitable
+
+import numpy as np
+import torch
+
+from service.engine.adapter import ModelAdapter, ModelInfo
+from service.engine.pool import WorkerPool
+from service.engine.scheduler import Scheduler
+from service.engine.types import GenerationParams, Job, Transcript
+from service.errors import DeadlineExceeded, Unavailable
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class ClientGone(Exception):
+    """The client disconnected while its request waited; nobody is left to answer."""
+
+
+class Engine:
+    """One model served by a pool of device workers behind one scheduler."""
+
+    def __init__(self, settings: Settings, adapters: list[ModelAdapter]) -> None:
+        self.settings = settings
+        self.info: ModelInfo = adapters[0].info
+        self.adapter = adapters[0]  # for request validation; every replica is alike
+        self.scheduler = Scheduler(
+            max_batch_size=settings.max_batch_size,
+            max_wait_ms=settings.max_wait_ms,
+            max_batch_audio_seconds=settings.max_batch_audio_seconds,
+            max_queue_size=settings.max_queue_size,
+            max_queued_audio_seconds=settings.max_queued_audio_seconds,
+            sampling_rate=self.info.sampling_rate,
+            padding_invariant=self.info.padding_invariant,
+        )
+        self.pool = WorkerPool(adapters, self.scheduler)
+        self.started = False
+
+    @classmethod
+    def load(cls, settings: Settings) -> "Engine":
+        """Load one replica per device and warm each up (blocking: call off the event loop)."""
+        devices = settings.devices(torch.cuda.device_count())
+        if "cpu" in devices:
+            torch.set_num_threads(settings.cpu_threads or os.cpu_count() or 1)
+        adapters = []
+        for device in devices:
+            adapter = ModelAdapter(settings.model_dir, settings.served_name, device, settings.dtype)
+            if settings.warmup:
+                started = time.monotonic()
+                adapter.warm_up()
+                log.info("warmed up on %s in %.2f s", device, time.monotonic() - started)
+            adapters.append(adapter)
+        return cls(settings, adapters)
+
+    def start(self) -> None:
+        self.pool.start()
+        self.started = True
+
+    @property
+    def ready(self) -> bool:
+        return self.started and self.pool.alive > 0 and not self.pool.draining.is_set()
+
+    def stop(self) -> None:
+        self.pool.stop(self.settings.drain_timeout_s)
+
+    async def transcribe(
+        self,
+        audio: np.ndarray,
+        params: GenerationParams,
+        *,
+        timeout: float | None = None,
+        priority: int = 0,
+        client_gone: Awaitable[object] | None = None,
+    ) -> Transcript:
+        """Queue the audio and wait for its transcript, the deadline, or the client leaving."""
+        if not self.ready:
+            raise Unavailable("no model worker is ready")
+        self.adapter.validate(params)
+        loop = asyncio.get_running_loop()
+        budget = min(
+            timeout or self.settings.request_timeout_s, self.settings.max_request_timeout_s
+        )
+        job = Job(
+            audio=audio,
+            params=params,
+            deadline=time.monotonic() + budget,
+            future=loop.create_future(),
+            loop=loop,
+            priority=priority,
+        )
+        self.scheduler.submit(job)
+        waiters: set[asyncio.Future[object]] = {job.future}  # type: ignore[arg-type]
+        gone = asyncio.ensure_future(client_gone) if client_gone is not None else None
+        if gone is not None:
+            waiters.add(gone)
+        try:
+            done, _ = await asyncio.wait(
+                waiters, timeout=budget, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            if gone is not None:
+                gone.cancel()
+        if job.future in done:
+            return job.future.result()
+        self.scheduler.cancel(job)
+        if gone is not None and gone in done:
+            raise ClientGone
+        raise DeadlineExceeded(f"no result within the request's {budget:.1f} s deadline")

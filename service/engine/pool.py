@@ -1,0 +1,168 @@
+"""The device workers: one thread per device, each owning a model replica.
+
+A worker takes batches from the scheduler, runs them off the event loop and resolves each job's
+future. A failure inside a batch fails that batch only (an out-of-memory batch is split in
+halves and retried); a worker thread that dies is replaced and its in-flight jobs fail with 503.
+"""
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+
+from service.engine.adapter import ModelAdapter
+from service.engine.scheduler import Scheduler
+from service.engine.types import Job, Transcript
+from service.errors import DeadlineExceeded, ModelFailure, Unavailable
+
+log = logging.getLogger(__name__)
+
+
+class Worker:
+    """One device's loop: next batch → generate → resolve futures."""
+
+    def __init__(self, pool: "WorkerPool", adapter: ModelAdapter, index: int) -> None:
+        self.pool = pool
+        self.adapter = adapter
+        self.index = index
+        self.device = str(adapter.device)
+        self.current: list[Job] = []
+        self.batches_run = 0
+        self.busy_seconds = 0.0
+        self.thread = threading.Thread(target=self._main, name=f"worker-{index}", daemon=True)
+
+    @property
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def _main(self) -> None:
+        try:
+            while not self.pool.stopping.is_set():
+                batch = self.pool.scheduler.next_batch(timeout=0.5)
+                if not batch:
+                    if self.pool.scheduler.depth == 0 and self.pool.draining.is_set():
+                        return
+                    continue
+                self.current = batch
+                self.run_batch(batch)
+                self.current = []
+        except BaseException as exc:  # the thread is dying: answer its jobs, then get replaced
+            log.exception("worker %d died", self.index)
+            for job in self.current:
+                job.fail(Unavailable(f"worker {self.index} crashed ({type(exc).__name__})"))
+            self.current = []
+            self.pool.replace(self)
+
+    def run_batch(self, batch: list[Job]) -> None:
+        """Run one batch; every job in it ends resolved or failed."""
+        live = []
+        for job in batch:
+            if job.expired():
+                job.fail(DeadlineExceeded("the request's deadline passed before it ran"))
+                self.pool.on_drop(job, "deadline")
+            elif job.cancelled or job.future.done():
+                self.pool.on_drop(job, "client_gone")
+            else:
+                live.append(job)
+        if live:
+            self._generate(live)
+
+    def _generate(self, jobs: list[Job]) -> None:
+        started = time.monotonic()
+        try:
+            self.pool.before_batch(self, jobs)
+            rows = self.adapter.transcribe(
+                [j.audio for j in jobs], jobs[0].params, wanted=lambda: [j.alive() for j in jobs]
+            )
+        except torch.OutOfMemoryError:
+            if self.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+            if len(jobs) == 1:
+                jobs[0].fail(ModelFailure("out of memory on a single request"))
+                return
+            log.warning("out of memory on a batch of %d: splitting", len(jobs))
+            half = len(jobs) // 2
+            self._generate(jobs[:half])
+            self._generate(jobs[half:])
+            return
+        except Exception as exc:
+            log.exception("batch of %d failed", len(jobs))
+            for job in jobs:
+                job.fail(ModelFailure(f"the model failed on this batch: {type(exc).__name__}"))
+            return
+        elapsed = time.monotonic() - started
+        self.batches_run += 1
+        self.busy_seconds += elapsed
+        audio_seconds = sum(j.samples for j in jobs) / self.adapter.info.sampling_rate
+        self.pool.scheduler.record_throughput(audio_seconds, elapsed)
+        for job, row in zip(jobs, rows, strict=True):
+            job.resolve(
+                Transcript(
+                    text=row.text,
+                    tokens=row.tokens,
+                    logprobs=row.logprobs,
+                    language=job.params.language,
+                    audio_seconds=job.samples / self.adapter.info.sampling_rate,
+                    queue_seconds=started - job.enqueued_at,
+                    compute_seconds=elapsed,
+                    batch_size=len(jobs),
+                )
+            )
+        self.pool.after_batch(self, jobs, elapsed)
+
+
+class WorkerPool:
+    """Starts, watches and stops the workers."""
+
+    def __init__(
+        self,
+        adapters: list[ModelAdapter],
+        scheduler: Scheduler,
+        on_drop: Callable[[Job, str], None] | None = None,
+    ) -> None:
+        self.scheduler = scheduler
+        self.stopping = threading.Event()
+        self.draining = threading.Event()
+        self.on_drop = on_drop or (lambda job, reason: None)
+        self.workers = [Worker(self, adapter, i) for i, adapter in enumerate(adapters)]
+        self.restarts = 0
+        self._lock = threading.Lock()
+
+    # Hooks for metrics and fault injection; the defaults do nothing.
+    def before_batch(self, worker: Worker, jobs: list[Job]) -> None:
+        pass
+
+    def after_batch(self, worker: Worker, jobs: list[Job], seconds: float) -> None:
+        pass
+
+    def start(self) -> None:
+        for worker in self.workers:
+            worker.thread.start()
+
+    def replace(self, dead: Worker) -> None:
+        """Start a fresh thread on the dead worker's replica (unless shutting down)."""
+        if self.stopping.is_set():
+            return
+        with self._lock:
+            fresh = Worker(self, dead.adapter, dead.index)
+            self.workers[dead.index] = fresh
+            self.restarts += 1
+            fresh.thread.start()
+
+    @property
+    def alive(self) -> int:
+        return sum(w.alive for w in self.workers)
+
+    def stop(self, drain_timeout: float) -> None:
+        """Refuse new work, let queued and in-flight work finish up to the timeout, then stop."""
+        self.scheduler.close()
+        self.draining.set()
+        deadline = time.monotonic() + drain_timeout
+        for worker in list(self.workers):
+            worker.thread.join(max(0.0, deadline - time.monotonic()))
+        self.stopping.set()
+        self.scheduler.fail_all("the service shut down before this request could run")
+        for worker in list(self.workers):
+            worker.thread.join(5)

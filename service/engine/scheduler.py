@@ -1,0 +1,183 @@
+"""Where a request waits and where its batch is formed.
+
+One bounded queue per model. Event-loop code calls `submit()` (never blocks; rejects at once
+when full). Worker threads call `next_batch()`, which takes the most urgent live job and adds
+compatible jobs (same generation parameters; similar length; equal length when the model's
+output would change with padding) within the batch-size and padded-audio budgets, waiting up
+to `max_wait_ms` for company.
+"""
+
+import threading
+import time
+from collections.abc import Callable
+
+from service.engine.types import Job
+from service.errors import DeadlineExceeded, Overloaded, Unavailable
+
+SIMILAR_LENGTH = 1.5  # a batch's longest clip is at most this times its shortest
+
+
+class Scheduler:
+    """Bounded priority queue + batch formation. Thread-safe."""
+
+    def __init__(
+        self,
+        *,
+        max_batch_size: int,
+        max_wait_ms: float,
+        max_batch_audio_seconds: float,
+        max_queue_size: int,
+        max_queued_audio_seconds: float,
+        sampling_rate: int,
+        padding_invariant: bool,
+        on_drop: Callable[[Job, str], None] | None = None,
+    ) -> None:
+        self.max_batch_size = max_batch_size
+        self.max_wait = max_wait_ms / 1000
+        self.max_batch_samples = int(max_batch_audio_seconds * sampling_rate)
+        self.max_queue_size = max_queue_size
+        self.max_queued_samples = int(max_queued_audio_seconds * sampling_rate)
+        self.sampling_rate = sampling_rate
+        self.padding_invariant = padding_invariant
+        self.on_drop = on_drop or (lambda job, reason: None)
+        self._jobs: list[Job] = []
+        self._queued_samples = 0
+        self._cond = threading.Condition()
+        self._closed = False
+        # Throughput estimate (audio seconds per wall second) for the wait-time check.
+        self._rate = 0.0
+
+    # --- producer side (event loop) ---
+
+    def submit(self, job: Job) -> None:
+        """Queue a job or raise `Overloaded`/`Unavailable` at once."""
+        with self._cond:
+            if self._closed:
+                raise Unavailable("the service is shutting down")
+            if len(self._jobs) >= self.max_queue_size:
+                raise Overloaded(
+                    "the request queue is full", retry_after=self._drain_eta(), code="queue_full"
+                )
+            if self._queued_samples + job.samples > self.max_queued_samples:
+                raise Overloaded(
+                    "too much audio is queued", retry_after=self._drain_eta(), code="queue_full"
+                )
+            eta = self._drain_eta()
+            if self._rate and time.monotonic() + eta > job.deadline:
+                raise Overloaded(
+                    f"estimated wait {eta:.1f} s exceeds the request's deadline",
+                    retry_after=eta,
+                    code="deadline",
+                )
+            self._jobs.append(job)
+            self._queued_samples += job.samples
+            self._cond.notify()
+
+    def _drain_eta(self) -> float:
+        """Seconds to work off the queued audio at the measured rate (1 s when unknown)."""
+        if not self._rate:
+            return 1.0
+        return self._queued_samples / self.sampling_rate / self._rate
+
+    def record_throughput(self, audio_seconds: float, wall_seconds: float) -> None:
+        """Workers report each batch; an exponential average feeds `_drain_eta`."""
+        if wall_seconds <= 0:
+            return
+        rate = audio_seconds / wall_seconds
+        with self._cond:
+            self._rate = rate if not self._rate else 0.8 * self._rate + 0.2 * rate
+
+    def cancel(self, job: Job) -> None:
+        """The client left: mark the job and take it out of the queue if it is still there."""
+        job.cancelled = True
+        with self._cond:
+            if job in self._jobs:
+                self._remove(job)
+                self.on_drop(job, "client_gone")
+
+    def close(self) -> None:
+        """Refuse new work; queued jobs stay for the workers to drain."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def fail_all(self, message: str) -> None:
+        """Fail everything still queued (shutdown after the drain timeout)."""
+        with self._cond:
+            jobs, self._jobs, self._queued_samples = self._jobs, [], 0
+        for job in jobs:
+            job.fail(Unavailable(message))
+
+    @property
+    def depth(self) -> int:
+        return len(self._jobs)
+
+    @property
+    def queued_seconds(self) -> float:
+        return self._queued_samples / self.sampling_rate
+
+    # --- consumer side (worker threads) ---
+
+    def next_batch(self, timeout: float | None = None) -> list[Job]:
+        """Block until a batch is ready (or `timeout` passes: returns [])."""
+        give_up = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while True:
+                self._drop_dead()
+                if self._jobs:
+                    break
+                if self._closed:
+                    return []
+                remaining = None if give_up is None else give_up - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return []
+                self._cond.wait(remaining)
+            lead = max(self._jobs, key=lambda j: (j.priority, -j.enqueued_at))
+            wait_until = lead.enqueued_at + self.max_wait
+            while True:
+                batch = self._compatible(lead)
+                now = time.monotonic()
+                if len(batch) >= self.max_batch_size or now >= wait_until or self._closed:
+                    break
+                self._cond.wait(wait_until - now)
+                self._drop_dead()
+                if lead not in self._jobs:  # cancelled while we waited
+                    return self.next_batch(None if give_up is None else max(0.0, give_up - now))
+            for job in batch:
+                self._remove(job)
+            return batch
+
+    def _compatible(self, lead: Job) -> list[Job]:
+        """The lead plus the most urgent jobs that may share its `generate` call."""
+        key = lead.params.batch_key()
+        batch = [lead]
+        shortest = longest = lead.samples
+        candidates = sorted(
+            (j for j in self._jobs if j is not lead and j.params.batch_key() == key),
+            key=lambda j: (-j.priority, j.enqueued_at),
+        )
+        for job in candidates:
+            if len(batch) >= self.max_batch_size:
+                break
+            if not self.padding_invariant and job.samples != lead.samples:
+                continue
+            lo, hi = min(shortest, job.samples), max(longest, job.samples)
+            if hi > SIMILAR_LENGTH * max(lo, 1) or hi * (len(batch) + 1) > self.max_batch_samples:
+                continue
+            batch.append(job)
+            shortest, longest = lo, hi
+        return batch
+
+    def _drop_dead(self) -> None:
+        now = time.monotonic()
+        for job in [j for j in self._jobs if j.cancelled or j.future.done() or j.expired(now)]:
+            self._remove(job)
+            if job.expired(now) and not job.cancelled:
+                job.fail(DeadlineExceeded("the request's deadline passed while it was queued"))
+                self.on_drop(job, "deadline")
+            else:
+                self.on_drop(job, "client_gone")
+
+    def _remove(self, job: Job) -> None:
+        self._jobs.remove(job)
+        self._queued_samples -= job.samples

@@ -1,0 +1,95 @@
+"""The request and result types that flow from the HTTP layer through the engine and back."""
+
+import asyncio
+import dataclasses
+import itertools
+import time
+from typing import Literal
+
+import numpy as np
+
+Task = Literal["transcribe", "translate"]
+_ids = itertools.count(1)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationParams:
+    """How to decode. Requests with equal `batch_key()` can share one `generate` call."""
+
+    task: Task = "transcribe"
+    language: str | None = None
+    num_beams: int = 1
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    max_new_tokens: int = 64
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    prompt: str | None = None
+
+    def batch_key(self) -> tuple[object, ...]:
+        """Everything that must be equal within a batch (all fields: they all change decoding)."""
+        return dataclasses.astuple(self)
+
+
+@dataclasses.dataclass
+class Transcript:
+    """One request's result: text, token ids with their log-probabilities, and timings."""
+
+    text: str
+    tokens: list[int]
+    logprobs: list[float]
+    language: str | None
+    audio_seconds: float
+    queue_seconds: float = 0.0
+    compute_seconds: float = 0.0
+    batch_size: int = 1
+
+    @property
+    def avg_logprob(self) -> float:
+        return float(np.mean(self.logprobs)) if self.logprobs else 0.0
+
+
+@dataclasses.dataclass(eq=False)
+class Job:
+    """One request waiting for, or inside, the engine. Its future is resolved on the event loop."""
+
+    audio: np.ndarray
+    params: GenerationParams
+    deadline: float  # time.monotonic() by which the result must be ready
+    future: asyncio.Future[Transcript]
+    loop: asyncio.AbstractEventLoop
+    priority: int = 0  # higher runs first (streaming partials)
+    id: int = dataclasses.field(default_factory=lambda: next(_ids))
+    enqueued_at: float = dataclasses.field(default_factory=time.monotonic)
+    cancelled: bool = False  # set from the loop when the client leaves; read by workers
+
+    @property
+    def samples(self) -> int:
+        return len(self.audio)
+
+    def expired(self, now: float | None = None) -> bool:
+        return (now if now is not None else time.monotonic()) >= self.deadline
+
+    def alive(self) -> bool:
+        """Still worth computing: client there and deadline not passed."""
+        return not self.cancelled and not self.future.done() and not self.expired()
+
+    def resolve(self, result: Transcript) -> None:
+        """Hand the result to the waiting coroutine (callable from any thread)."""
+        self.loop.call_soon_threadsafe(_set_result, self.future, result)
+
+    def fail(self, error: BaseException) -> None:
+        """Hand an error to the waiting coroutine (callable from any thread)."""
+        self.loop.call_soon_threadsafe(_set_exception, self.future, error)
+
+
+def _set_result(future: asyncio.Future[Transcript], result: Transcript) -> None:
+    if not future.done():
+        future.set_result(result)
+
+
+def _set_exception(future: asyncio.Future[Transcript], error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)

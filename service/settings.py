@@ -1,0 +1,93 @@
+"""Every setting of the service, in one class, read from `STT_*` environment variables."""
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "model_store" / "w2v2-bert-commands-en"
+
+
+class Settings(BaseSettings):
+    """Service settings. Each field is an environment variable `STT_<NAME>` (e.g. `STT_PORT`)."""
+
+    model_config = SettingsConfigDict(env_prefix="STT_", extra="forbid")
+
+    # --- model ---
+    model_dir: Path = Field(DEFAULT_MODEL_DIR, description="Checkpoint folder to serve.")
+    model_name: str | None = Field(
+        None, description="Name clients pass as `model` (default: the folder's name)."
+    )
+    model_aliases: list[str] = Field(
+        default_factory=list, description="Other accepted `model` names, e.g. whisper-1."
+    )
+    device: str = Field(
+        "auto",
+        description="`auto` (each CUDA device, else one CPU worker), `cpu`, `cuda:0,cuda:1`.",
+    )
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="`auto`: float16 on CUDA, float32 on CPU."
+    )
+    cpu_threads: int = Field(
+        0, ge=0, le=256, description="torch threads for CPU work; 0: all cores."
+    )
+    warmup: bool = Field(True, description="Run one generate before reporting ready.")
+
+    # --- batching and queueing ---
+    max_batch_size: int = Field(16, ge=1, le=256, description="Most requests in one batch.")
+    max_wait_ms: float = Field(
+        5.0, ge=0, le=1000, description="How long a batch's first request waits for company."
+    )
+    max_batch_audio_seconds: float = Field(
+        240.0, gt=0, le=3600, description="Padded audio seconds per batch (size x longest clip)."
+    )
+    max_queue_size: int = Field(256, ge=1, le=100_000, description="Most requests waiting.")
+    max_queued_audio_seconds: float = Field(
+        3600.0, gt=0, description="Most audio seconds waiting in the queue."
+    )
+
+    # --- request limits ---
+    request_timeout_s: float = Field(60.0, gt=0, le=3600, description="Default deadline.")
+    max_request_timeout_s: float = Field(
+        300.0, gt=0, le=86_400, description="Cap on a request's own `timeout` field."
+    )
+    max_upload_bytes: int = Field(
+        25 * 1024 * 1024, gt=0, description="Upload size limit (413 while reading)."
+    )
+    max_audio_seconds: float = Field(60.0, gt=0, description="Audio duration limit (413).")
+    max_channels: int = Field(2, ge=1, le=64, description="Most channels an upload may have.")
+    max_new_tokens: int = Field(
+        256, ge=1, le=4096, description="Cap on tokens generated per request."
+    )
+    max_num_beams: int = Field(8, ge=1, le=64, description="Cap on beam width.")
+    max_prompt_chars: int = Field(2000, ge=0, description="Cap on the `prompt` field.")
+
+    # --- server ---
+    host: str = Field("127.0.0.1", description="Address to bind.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to bind (0: any free port).")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    drain_timeout_s: float = Field(
+        30.0, ge=0, le=3600, description="On shutdown, how long queued work may finish."
+    )
+
+    @field_validator("model_dir")
+    @classmethod
+    def _model_dir_exists(cls, value: Path) -> Path:
+        if not value.is_dir():
+            raise ValueError(f"model_dir {value} is not a folder (set STT_MODEL_DIR)")
+        return value
+
+    @property
+    def served_name(self) -> str:
+        return self.model_name or self.model_dir.name
+
+    def devices(self, cuda_count: int) -> list[str]:
+        """The device of each worker: explicit list, or every CUDA device, or one CPU."""
+        if self.device == "auto":
+            return [f"cuda:{i}" for i in range(cuda_count)] or ["cpu"]
+        names = [d.strip() for d in self.device.split(",") if d.strip()]
+        for name in names:
+            if name != "cpu" and not name.startswith("cuda"):
+                raise ValueError(f"unknown device {name!r}: use cpu, cuda or cuda:N")
+        return names
