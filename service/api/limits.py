@@ -1,5 +1,6 @@
 """Upload size limit enforced while the body streams in, before it is all buffered."""
 
+import contextlib
 import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -32,28 +33,35 @@ class BodySizeLimit:
             await self._reject(send)
             return
         seen = 0
-        started = False
+        exceeded = False
+        answered = False
 
         async def counting_receive() -> Message:
-            nonlocal seen
+            nonlocal seen, exceeded
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
+                    exceeded = True
                     raise _TooLarge
             return message
 
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
+        async def guarded_send(message: Message) -> None:
+            # Once the body is over the limit, whatever the app answers (its body parser turns
+            # our exception into a generic 400) is replaced by the 413.
+            nonlocal answered
+            if exceeded:
+                if not answered:
+                    answered = True
+                    await self._reject(send)
+                return
+            answered = answered or message["type"] == "http.response.start"
             await send(message)
 
-        try:
-            await self.app(scope, counting_receive, tracking_send)
-        except _TooLarge:
-            if not started:
-                await self._reject(send)
+        with contextlib.suppress(_TooLarge):
+            await self.app(scope, counting_receive, guarded_send)
+        if exceeded and not answered:
+            await self._reject(send)
 
     async def _reject(self, send: Send) -> None:
         body = json.dumps(

@@ -117,6 +117,7 @@ class ModelAdapter:
             raise StartupError(f"cannot load weights from {model_dir}: {exc}") from exc
         self.model = model.to(self.device).eval()
         self._check_generation_ids()
+        self.max_target_length = self._max_target_length(config)
         self.info = self._describe(name, config)
         log.info(
             "loaded %s (%s) on %s as %s", name, self.info.architecture, self.device, self.dtype
@@ -144,6 +145,22 @@ class ModelAdapter:
                 f"set model.config.{attr} (e.g. from the tokenizer) and save again; "
                 "`python -m model_store compose` does this for you",
             )
+
+    @property
+    def default_max_new_tokens(self) -> int:
+        """The checkpoint's own `max_new_tokens` (generation config), else 128."""
+        value = getattr(self.model.generation_config, "max_new_tokens", None)
+        return int(value) if value else 128
+
+    @staticmethod
+    def _max_target_length(config: Any) -> int:
+        """How many decoder positions the model has: generation must stop before the last."""
+        decoder = config.decoder if config.model_type == "speech-encoder-decoder" else config
+        for attr in ("max_target_positions", "max_position_embeddings", "n_positions"):
+            value = getattr(decoder, attr, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return 1 << 16
 
     def _describe(self, name: str, config: Any) -> ModelInfo:
         if config.model_type == "speech-encoder-decoder":
@@ -213,7 +230,8 @@ class ModelAdapter:
 
     def generate_kwargs(self, params: GenerationParams) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
-            "max_new_tokens": params.max_new_tokens,
+            # start token + generated tokens must fit the decoder's position table
+            "max_new_tokens": max(1, min(params.max_new_tokens, self.max_target_length - 2)),
             "num_beams": params.num_beams,
             "do_sample": params.do_sample,
             "repetition_penalty": params.repetition_penalty,

@@ -12,7 +12,7 @@ from service.api.schemas import ERROR_RESPONSES, TranscriptionJSON, Transcriptio
 from service.audio import decode_audio
 from service.engine.engine import ClientGone, Engine
 from service.engine.types import GenerationParams, Task
-from service.errors import InvalidRequest, ModelNotFound
+from service.errors import InvalidRequest, ModelNotFound, ServiceError
 from service.settings import Settings
 
 router = APIRouter(tags=["audio"], responses=ERROR_RESPONSES)
@@ -52,6 +52,7 @@ TimeoutField = Annotated[float | None, Form(gt=0, description="Deadline in secon
 
 def _params(
     settings: Settings,
+    default_max_new_tokens: int,
     task: Task,
     language: str | None,
     prompt: str | None,
@@ -87,7 +88,7 @@ def _params(
         temperature=temperature if temperature > 0 else 1.0,
         top_k=top_k if sample else None,
         top_p=top_p if sample else None,
-        max_new_tokens=max_new_tokens or min(settings.max_new_tokens, 128),
+        max_new_tokens=max_new_tokens or min(settings.max_new_tokens, default_max_new_tokens),
         repetition_penalty=repetition_penalty,
         seed=seed if sample else None,
         prompt=prompt or None,
@@ -119,13 +120,17 @@ async def _handle(
         )
     engine.adapter.validate(params)
     data = await file.read()
-    audio = await asyncio.to_thread(
-        decode_audio,
-        data,
-        sample_rate=engine.info.sampling_rate,
-        max_seconds=settings.max_audio_seconds,
-        max_channels=settings.max_channels,
-    )
+    try:
+        audio = await asyncio.to_thread(
+            decode_audio,
+            data,
+            sample_rate=engine.info.sampling_rate,
+            max_seconds=settings.max_audio_seconds,
+            max_channels=settings.max_channels,
+        )
+    except ServiceError as exc:
+        exc.param = exc.param or "file"
+        raise
     del data
     duration = len(audio) / engine.info.sampling_rate
     try:
@@ -175,6 +180,7 @@ async def transcriptions(
 ) -> Response:
     params = _params(
         settings,
+        engine.adapter.default_max_new_tokens,
         "transcribe",
         language,
         prompt,
@@ -219,6 +225,7 @@ async def translations(
 ) -> Response:
     params = _params(
         settings,
+        engine.adapter.default_max_new_tokens,
         "translate",
         language or "en",
         prompt,
