@@ -132,7 +132,7 @@ class Scheduler:
                 if remaining is not None and remaining <= 0:
                     return []
                 self._cond.wait(remaining)
-            lead = max(self._jobs, key=lambda j: (j.priority, -j.enqueued_at))
+            lead = max(self._jobs, key=lambda j: (j.priority, -j.enqueued_at, -j.id))
             wait_until = lead.enqueued_at + self.max_wait
             while True:
                 batch = self._compatible(lead)
@@ -154,7 +154,7 @@ class Scheduler:
         shortest = longest = lead.samples
         candidates = sorted(
             (j for j in self._jobs if j is not lead and j.params.batch_key() == key),
-            key=lambda j: (-j.priority, j.enqueued_at),
+            key=lambda j: (-j.priority, j.enqueued_at, j.id),
         )
         for job in candidates:
             if len(batch) >= self.max_batch_size:
