@@ -1,4 +1,4 @@
-"""`python -m model_store {compose,synthesize,train,evaluate}`: the checkpoint recipe's commands."""
+"""`python -m model_store {compose,synthesize,samples,train,evaluate}`: the recipe's commands."""
 
 import argparse
 import dataclasses
@@ -68,6 +68,13 @@ def cmd_synthesize(args: argparse.Namespace) -> None:
         print(f"{spec.name}: {len(split)} utterances, {split.seconds():.0f} s ({manifest})")
 
 
+def cmd_samples(args: argparse.Namespace) -> None:
+    from model_store.corpus import export_samples
+
+    texts = export_samples(Path(args.corpus), args.split, args.count, Path(args.out))
+    print(f"wrote {len(texts)} samples to {args.out}")
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from model_store.train import TrainConfig, Trainer
 
@@ -81,12 +88,15 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from model_store.evaluate import evaluate_split, write_card
+    from model_store.evaluate import evaluate_samples, evaluate_split, write_card
 
     scores = [
         evaluate_split(Path(args.model), Path(args.corpus), split, limit=args.limit)
         for split in args.splits
     ]
+    samples = Path(args.model) / "samples"
+    if args.samples and samples.is_dir():
+        scores.append(evaluate_samples(Path(args.model), samples))
     for s in scores:
         print(json.dumps(dataclasses.asdict(s)))
     if args.card:
@@ -117,6 +127,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=2)
     p.set_defaults(func=cmd_synthesize)
 
+    p = sub.add_parser("samples", help="export held-out utterances as WAV files + texts.json")
+    p.add_argument("--corpus", default=str(DEFAULT_CORPUS))
+    p.add_argument("--split", default="test_voices")
+    p.add_argument("--count", type=int, default=8)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_samples)
+
     p = sub.add_parser("train", help="fine-tune a checkpoint (resumes from OUT/last)")
     p.add_argument("--init", required=True)
     p.add_argument("--corpus", default=str(DEFAULT_CORPUS))
@@ -135,6 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--corpus", default=str(DEFAULT_CORPUS))
     p.add_argument("--splits", nargs="+", default=["test_voices", "test_rates"])
     p.add_argument("--limit", type=int)
+    p.add_argument("--samples", action="store_true", help="also score MODEL/samples/*.wav")
     p.add_argument("--card", action="store_true", help="write the scores into the model card")
     p.set_defaults(func=cmd_evaluate)
 

@@ -245,3 +245,19 @@ def require_espeak() -> None:
     """Fail early with the fix when espeak-ng is missing."""
     if shutil.which("espeak-ng") is None:
         raise SystemExit("espeak-ng not found: install it with `apt-get install -y espeak-ng`")
+
+
+def export_samples(corpus_dir: Path, split: str, count: int, out_dir: Path) -> dict[str, str]:
+    """Write `count` utterances of a split as 16-bit WAVs plus `texts.json` (name → text)."""
+    data = CorpusSplit(corpus_dir, split)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    step = max(1, len(data) // count)
+    texts = {}
+    for n, index in enumerate(range(0, step * count, step)):
+        example = data[index]
+        words = "-".join(example.text.split()[:3])
+        name = f"{n:02d}-{words}.wav"
+        sf.write(out_dir / name, example.audio, SAMPLE_RATE, subtype="PCM_16")
+        texts[name] = example.text
+    (out_dir / "texts.json").write_text(json.dumps(texts, indent=1) + "\n")
+    return texts

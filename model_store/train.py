@@ -169,7 +169,7 @@ class Trainer:
             labels=batch["labels"],
         )
         if not self.cfg.ctc_weight:
-            return out.loss, float(out.loss), 0.0
+            return out.loss, out.loss.item(), 0.0
         log_probs = self.ctc_head(out.encoder_last_hidden_state).log_softmax(-1).float()
         frames = self.model.encoder._get_feat_extract_output_lengths(
             batch["attention_mask"].sum(-1)
@@ -182,7 +182,7 @@ class Trainer:
             blank=self.model.config.pad_token_id,
             zero_infinity=True,
         )
-        return out.loss + self.cfg.ctc_weight * ctc, float(out.loss), float(ctc)
+        return out.loss + self.cfg.ctc_weight * ctc, out.loss.item(), ctc.item()
 
     def train_step(self, indices: list[int]) -> float:
         self.model.train()
@@ -210,12 +210,16 @@ class Trainer:
             refs += [ex.text for ex in examples]
         return word_error_rate(refs, hyps)
 
-    def run(self) -> Path:
+    def run(self, stop_after: int | None = None) -> Path | None:
+        """Train to `max_steps` and export; `stop_after` N steps simulates an interruption."""
         lengths = [row["length"] for row in self.train_split.rows]
         stream = batch_stream(lengths, self.cfg, self.step)
         bar = tqdm(total=self.cfg.max_steps, initial=self.step, dynamic_ncols=True, mininterval=5)
         started = time.monotonic()
         while self.step < self.cfg.max_steps:
+            if stop_after is not None and self.step >= stop_after:
+                bar.close()
+                return None
             self.train_step(next(stream))
             bar.update(1)
             bar.set_postfix(self._last | {"lr": self.scheduler.get_last_lr()[0]}, refresh=False)

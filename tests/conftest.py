@@ -39,8 +39,9 @@ class LiveServer:
 
     def __enter__(self) -> "LiveServer":
         self.thread.start()
-        if not self.started.wait(120):
-            raise RuntimeError("server did not start")
+        while not self.started.wait(0.05):
+            if not self.thread.is_alive():
+                raise RuntimeError("server exited during start-up (see the log above)")
         return self
 
     def __exit__(self, *exc: object) -> None:

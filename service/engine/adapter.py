@@ -30,7 +30,14 @@ from service.engine.types import GenerationParams
 from service.errors import InvalidRequest, StartupError, Unsupported
 
 log = logging.getLogger(__name__)
-_seed_lock = threading.Lock()  # seeded sampling touches torch's global RNG
+_seed_lock = threading.Lock()
+_MASKED_ENCODERS = {
+    "wav2vec2",
+    "hubert",
+    "wav2vec2-conformer",
+    "data2vec-audio",
+    "wavlm",
+}  # seeded sampling touches torch's global RNG
 
 
 @dataclasses.dataclass
@@ -162,6 +169,23 @@ class ModelAdapter:
                 return value
         return 1 << 16
 
+    def _padding_invariant(self, config: Any) -> bool:
+        """Whether a row's output is the same padded in a batch as alone.
+
+        True for wav2vec2-style encoders with layer-norm feature extraction fed an attention
+        mask (padded frames are masked and zeroed before the positional convolution), and for
+        Whisper (every input is padded to 30 s anyway). False otherwise: group-norm wav2vec2
+        normalises over the padding, and Speech2Text's strided convolutions leak padding into
+        the last real frame. The scheduler then batches only equal-length inputs.
+        """
+        if config.model_type == "whisper":
+            return True
+        masks = bool(getattr(self.feature_extractor, "return_attention_mask", False))
+        if config.model_type != "speech-encoder-decoder" or not masks:
+            return False
+        encoder = config.encoder
+        return encoder.model_type in _MASKED_ENCODERS and encoder.feat_extract_norm == "layer"
+
     def _describe(self, name: str, config: Any) -> ModelInfo:
         if config.model_type == "speech-encoder-decoder":
             encoder, decoder = config.encoder.model_type, config.decoder.model_type
@@ -169,9 +193,7 @@ class ModelAdapter:
         else:
             encoder = decoder = arch = config.model_type
         input_name = self.feature_extractor.model_input_names[0]
-        masks = bool(getattr(self.feature_extractor, "return_attention_mask", False))
-        # Whisper pads every input to 30 s, so its rows never see each other's padding.
-        invariant = masks or config.model_type == "whisper"
+        invariant = self._padding_invariant(config)
         lang_codes = getattr(self.tokenizer, "lang_code_to_id", None) or {}
         whisper = config.model_type == "whisper"
         languages = tuple(sorted(lang_codes)) if lang_codes else ()
@@ -216,15 +238,16 @@ class ModelAdapter:
 
     def features(self, audios: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
         """Padded model inputs (and attention mask where the extractor gives one)."""
+        masks = bool(getattr(self.feature_extractor, "return_attention_mask", False))
         feats = self.feature_extractor(
             list(audios),
             sampling_rate=self.info.sampling_rate,
             padding=True,
-            return_attention_mask=self.info.padding_invariant,
+            return_attention_mask=masks,
             return_tensors="pt",
         )
         out = {self.info.input_name: feats[self.info.input_name].to(self.device, self.dtype)}
-        if "attention_mask" in feats and self.info.padding_invariant:
+        if masks and "attention_mask" in feats:
             out["attention_mask"] = feats["attention_mask"].to(self.device)
         return out
 
