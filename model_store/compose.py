@@ -45,7 +45,11 @@ def generation_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
     missing = [name for name, value in (("start", start), ("eos", eos)) if value is None]
     if missing:
         raise ValueError(f"tokenizer has no {' or '.join(missing)} token; add one before composing")
-    return {"decoder_start_token_id": start, "pad_token_id": pad, "eos_token_id": eos}  # type: ignore[dict-item]
+    return {
+        "decoder_start_token_id": int(start),
+        "pad_token_id": int(pad),
+        "eos_token_id": int(eos),
+    }
 
 
 def finalize(
@@ -59,7 +63,7 @@ def finalize(
     ids = generation_ids(tokenizer)
     for name, value in ids.items():
         setattr(model.config, name, value)
-    model.config.decoder.pad_token_id = ids["pad_token_id"]
+    model.config.decoder.pad_token_id = ids["pad_token_id"]  # type: ignore[union-attr]
     model.generation_config = GenerationConfig(
         **ids, bos_token_id=ids["decoder_start_token_id"], max_new_tokens=max_new_tokens
     )
@@ -84,7 +88,7 @@ def compose_pretrained(
 ) -> SpeechEncoderDecoderModel:
     """Join a pretrained encoder and decoder (folders or hub ids) and save a servable checkpoint."""
     enc, dec = split_overrides(overrides)
-    model = SpeechEncoderDecoderModel.from_encoder_decoder_pretrained(
+    model: SpeechEncoderDecoderModel = SpeechEncoderDecoderModel.from_encoder_decoder_pretrained(  # type: ignore[assignment]
         encoder,
         decoder,
         **{f"encoder_{k}": v for k, v in enc.items()},

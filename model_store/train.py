@@ -109,7 +109,7 @@ class Trainer:
         resume = self.out / "last"
         source = resume if (resume / "trainer_state.json").exists() else Path(cfg.init)
         self.model = SpeechEncoderDecoderModel.from_pretrained(source, dtype=torch.float32)
-        self.model.to(self.device)
+        self.model.to(self.device)  # type: ignore[arg-type]
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.init)
         self.feature_extractor = AutoFeatureExtractor.from_pretrained(cfg.init)
         if cfg.freeze_feature_encoder:
@@ -171,7 +171,7 @@ class Trainer:
         if not self.cfg.ctc_weight:
             return out.loss, out.loss.item(), 0.0
         log_probs = self.ctc_head(out.encoder_last_hidden_state).log_softmax(-1).float()
-        frames = self.model.encoder._get_feat_extract_output_lengths(
+        frames = self.model.encoder._get_feat_extract_output_lengths(  # type: ignore[operator]
             batch["attention_mask"].sum(-1)
         )
         ctc = nn.functional.ctc_loss(

@@ -122,7 +122,7 @@ class ModelAdapter:
             model: PreTrainedModel = model_cls.from_pretrained(model_dir, dtype=self.dtype)
         except (OSError, ValueError, KeyError) as exc:
             raise StartupError(f"cannot load weights from {model_dir}: {exc}") from exc
-        self.model = model.to(self.device).eval()
+        self.model = model.to(self.device).eval()  # type: ignore[arg-type]
         self._check_generation_ids()
         self.max_target_length = self._max_target_length(config)
         self.info = self._describe(name, config)
@@ -319,7 +319,7 @@ class ModelAdapter:
                     continue
                 tokens.append(token)
                 logprobs.append(round(float(logprob), 4))
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            text = str(self.tokenizer.decode(tokens, skip_special_tokens=True)).strip()
             rows.append(Decoded(text=text, tokens=tokens, logprobs=logprobs))
         return rows
 
