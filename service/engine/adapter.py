@@ -270,6 +270,9 @@ class ModelAdapter:
             kwargs["task"] = params.task
             if params.language:
                 kwargs["language"] = params.language
+            if params.prompt:
+                prompt_ids = self.tokenizer.get_prompt_ids(params.prompt, return_tensors="pt")
+                kwargs["prompt_ids"] = prompt_ids.to(self.device)
         elif params.language or params.task == "translate":
             code = self._language_code(params.language or "en")
             if code is not None:

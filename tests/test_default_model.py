@@ -1,0 +1,85 @@
+"""The bundled checkpoint: served by the real entry point, it transcribes its shipped samples,
+and its card's numbers are reproduced by the evaluation command."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from model_store.corpus import SplitSpec, default_specs, synthesize_split
+from model_store.evaluate import evaluate_samples, evaluate_split
+from service.settings import DEFAULT_MODEL_DIR
+
+SAMPLES = DEFAULT_MODEL_DIR / "samples"
+CARD_SCORES = {s["split"]: s for s in json.loads((DEFAULT_MODEL_DIR / "scores.json").read_text())}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[str]:
+    """`python -m service` (the README's serve command) on the default settings."""
+    port = _free_port()
+    env = {**os.environ, "STT_PORT": str(port), "STT_HOST": "127.0.0.1"}
+    proc = subprocess.Popen([sys.executable, "-m", "service"], env=env, stderr=subprocess.PIPE,
+                            text=True)
+    assert proc.stderr is not None
+    try:
+        for line in proc.stderr:  # uvicorn logs this once the lifespan (load + warm-up) is done
+            if "Application startup complete" in line:
+                break
+        else:
+            pytest.fail(f"service exited with {proc.wait()} before starting")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        assert proc.wait(60) == 0  # SIGTERM is a clean shutdown
+
+
+def test_ready_and_listed(served: str) -> None:
+    assert httpx.get(served + "/ready").status_code == 200
+    names = [m["id"] for m in httpx.get(served + "/v1/models").json()["data"]]
+    assert names == [DEFAULT_MODEL_DIR.name]
+
+
+def test_transcribes_the_shipped_samples(served: str) -> None:
+    texts = json.loads((SAMPLES / "texts.json").read_text())
+    assert len(texts) >= 5
+    for name, expected in texts.items():
+        response = httpx.post(
+            served + "/v1/audio/transcriptions",
+            files={"file": (name, (SAMPLES / name).read_bytes())},
+            data={"model": DEFAULT_MODEL_DIR.name}, timeout=60,
+        )
+        assert response.status_code == 200, response.text
+        assert response.json()["text"] == expected, name
+
+
+def test_evaluate_reproduces_the_card_on_the_samples() -> None:
+    scores = evaluate_samples(DEFAULT_MODEL_DIR, SAMPLES)
+    card = CARD_SCORES["samples"]
+    assert scores.utterances == card["utterances"]
+    assert scores.wer == pytest.approx(card["wer"], abs=1e-4)
+    assert scores.exact_match == pytest.approx(card["exact_match"], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_card_wer_on_held_out_voices_is_reproduced_and_meets_the_target(tmp_path: Path) -> None:
+    """Re-speaks the held-out test split (deterministic) and scores it: about a minute."""
+    spec: SplitSpec = next(s for s in default_specs(0) if s.name == "test_voices")
+    synthesize_split(spec, tmp_path)
+    scores = evaluate_split(DEFAULT_MODEL_DIR, tmp_path, "test_voices")
+    card = CARD_SCORES["test_voices"]
+    assert scores.utterances == card["utterances"]
+    assert scores.wer <= 0.05
+    assert scores.wer == pytest.approx(card["wer"], abs=0.005)
