@@ -31,8 +31,9 @@ def served() -> Iterator[str]:
     """`python -m service` (the README's serve command) on the default settings."""
     port = _free_port()
     env = {**os.environ, "STT_PORT": str(port), "STT_HOST": "127.0.0.1"}
-    proc = subprocess.Popen([sys.executable, "-m", "service"], env=env, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service"], env=env, stderr=subprocess.PIPE, text=True
+    )
     assert proc.stderr is not None
     try:
         for line in proc.stderr:  # uvicorn logs this once the lifespan (load + warm-up) is done
@@ -59,7 +60,8 @@ def test_transcribes_the_shipped_samples(served: str) -> None:
         response = httpx.post(
             served + "/v1/audio/transcriptions",
             files={"file": (name, (SAMPLES / name).read_bytes())},
-            data={"model": DEFAULT_MODEL_DIR.name}, timeout=60,
+            data={"model": DEFAULT_MODEL_DIR.name},
+            timeout=60,
         )
         assert response.status_code == 200, response.text
         assert response.json()["text"] == expected, name

@@ -50,10 +50,10 @@ class Worker:
                 self.current = []
         except BaseException as exc:  # the thread is dying: answer its jobs, then get replaced
             log.exception("worker %d died", self.index)
+            self.pool.replace(self)  # first, so the service is never without a worker
             for job in self.current:
                 job.fail(Unavailable(f"worker {self.index} crashed ({type(exc).__name__})"))
             self.current = []
-            self.pool.replace(self)
 
     def run_batch(self, batch: list[Job]) -> None:
         """Run one batch; every job in it ends resolved or failed."""

@@ -1,0 +1,154 @@
+"""The engine on tiny real checkpoints: batching, invariance, cancellation, fault isolation."""
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from service.engine.engine import ClientGone, Engine
+from service.engine.types import GenerationParams
+from service.errors import ModelFailure, Unavailable
+from tests.conftest import settings_for
+
+KINDS = ["wav2vec2-bert", "hubert-gpt2", "wav2vec2-bart", "speech2text", "wav2vec2-groupnorm-bert"]
+PARAMS = GenerationParams(max_new_tokens=6)
+
+
+def clips(lengths: list[float]) -> list[np.ndarray]:
+    rng = np.random.default_rng(1)
+    return [rng.normal(0, 0.1, int(s * 16_000)).astype(np.float32) for s in lengths]
+
+
+@pytest.fixture
+def engine_for(checkpoints: dict[str, Path]) -> Iterator:
+    engines: list[Engine] = []
+
+    def make(kind: str = "wav2vec2-bert", **overrides: object) -> Engine:
+        settings = settings_for(checkpoints[kind], warmup=False, cpu_threads=1, **overrides)
+        engine = Engine.load(settings)
+        engine.start()
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.stop()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_batching_never_changes_a_transcript(engine_for, kind: str) -> None:
+    engine = engine_for(kind, max_wait_ms=200, max_batch_size=8)
+    audio = clips([1.0, 0.8, 1.1, 1.0, 0.9, 1.0])
+
+    async def run():
+        alone = [await engine.transcribe(a, PARAMS) for a in audio]
+        together = await asyncio.gather(*(engine.transcribe(a, PARAMS) for a in audio))
+        return alone, together
+
+    alone, together = asyncio.run(run())
+    assert [r.batch_size for r in alone] == [1] * len(audio)
+    assert max(r.batch_size for r in together) > 1
+    assert [r.tokens for r in together] == [r.tokens for r in alone]
+    if not engine.info.padding_invariant:  # only the three 1.0 s clips may share a batch
+        assert max(r.batch_size for r in together) <= 3
+
+
+def test_client_gone_while_queued_costs_no_compute(engine_for) -> None:
+    engine = engine_for(max_wait_ms=0, max_batch_size=1)
+    rows_run: list[int] = []
+    original = engine.pool.workers[0].adapter.transcribe
+    gate = asyncio.Event()
+
+    def counting(audios, params, wanted=None):
+        rows_run.append(len(audios))
+        return original(audios, params, wanted)
+
+    engine.pool.workers[0].adapter.transcribe = counting  # type: ignore[method-assign]
+
+    async def run():
+        first = asyncio.create_task(engine.transcribe(clips([1.0])[0], PARAMS))
+        leaving = asyncio.create_task(
+            engine.transcribe(clips([1.0])[0], PARAMS, client_gone=gate.wait())
+        )
+        await asyncio.sleep(0)  # let both reach the queue
+        gate.set()  # the second client disconnects
+        with pytest.raises(ClientGone):
+            await leaving
+        await first
+        third = await engine.transcribe(clips([0.5])[0], PARAMS)
+        return third
+
+    asyncio.run(run())
+    assert sum(rows_run) <= 2  # first and third; the departed request never ran
+    assert engine.scheduler.depth == 0
+
+
+def test_a_failing_batch_fails_only_itself(engine_for) -> None:
+    engine = engine_for()
+    worker = engine.pool.workers[0]
+    original = worker.adapter.transcribe
+    calls = {"n": 0}
+
+    def flaky(audios, params, wanted=None):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected")
+        return original(audios, params, wanted)
+
+    worker.adapter.transcribe = flaky  # type: ignore[method-assign]
+
+    async def run():
+        with pytest.raises(ModelFailure, match="RuntimeError"):
+            await engine.transcribe(clips([1.0])[0], PARAMS)
+        return await engine.transcribe(clips([1.0])[0], PARAMS)
+
+    assert asyncio.run(run()).tokens
+    assert engine.pool.alive == 1
+
+
+def test_out_of_memory_splits_the_batch(engine_for) -> None:
+    engine = engine_for(max_wait_ms=200, max_batch_size=4)
+    worker = engine.pool.workers[0]
+    original = worker.adapter.transcribe
+    sizes: list[int] = []
+
+    def small_memory(audios, params, wanted=None):
+        sizes.append(len(audios))
+        if len(audios) > 1:
+            raise torch.OutOfMemoryError("injected")
+        return original(audios, params, wanted)
+
+    worker.adapter.transcribe = small_memory  # type: ignore[method-assign]
+
+    async def run():
+        return await asyncio.gather(*(engine.transcribe(a, PARAMS) for a in clips([1.0] * 4)))
+
+    results = asyncio.run(run())
+    assert all(r.tokens for r in results)
+    assert sizes[0] == 4
+    assert sizes.count(1) == 4
+
+
+def test_a_dead_worker_is_replaced_and_its_request_answered(engine_for) -> None:
+    engine = engine_for()
+    pool = engine.pool
+    deaths = {"n": 0}
+
+    def die_once(worker, jobs):
+        if deaths["n"] == 0:
+            deaths["n"] += 1
+            raise SystemExit("injected thread death")
+
+    pool.before_batch = die_once  # type: ignore[method-assign]
+
+    async def run():
+        with pytest.raises(Unavailable, match="crashed"):
+            await engine.transcribe(clips([1.0])[0], PARAMS)
+        return await engine.transcribe(clips([1.0])[0], PARAMS)
+
+    assert asyncio.run(run()).tokens
+    assert pool.restarts == 1
+    assert pool.alive == 1
