@@ -213,3 +213,33 @@ def test_every_checkpoint_kind_serves_a_real_request(
         assert len(body["segments"][0]["tokens"]) > 0
         assert body["text"].strip()
         assert len(body["segments"][0]["tokens"]) <= 8
+
+
+@pytest.mark.parametrize(
+    ("fmt", "subtype", "rate"),
+    [
+        ("WAV", "PCM_U8", 8_000),
+        ("WAV", "PCM_24", 44_100),
+        ("WAV", "FLOAT", 16_000),
+        ("FLAC", "PCM_16", 22_050),
+        ("OGG", "VORBIS", 44_100),
+        ("OGG", "OPUS", 48_000),
+        ("MP3", "MPEG_LAYER_III", 44_100),
+    ],
+)
+def test_every_container_transcribes_like_the_wav(
+    tiny_server: LiveServer, fmt: str, subtype: str, rate: int
+) -> None:
+    import soxr
+
+    speech = soxr.resample(speak("call mom"), 22_050, rate)
+    stereo = np.stack([speech, speech], axis=1)
+    response = post(
+        tiny_server,
+        encode(stereo, rate, fmt, subtype),
+        name=f"a.{fmt.lower()}",
+        response_format="verbose_json",
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["duration"] == pytest.approx(len(speech) / rate, abs=0.08)
+    assert response.json()["segments"][0]["tokens"]

@@ -10,7 +10,7 @@ import torch
 
 from service.engine.adapter import ModelAdapter
 from service.engine.types import GenerationParams
-from service.errors import StartupError, Unsupported
+from service.errors import InvalidRequest, StartupError, Unsupported
 
 KINDS = ["wav2vec2-bert", "hubert-gpt2", "wav2vec2-bart", "speech2text", "wav2vec2-groupnorm-bert"]
 
@@ -131,3 +131,22 @@ def test_incomplete_checkpoint_fails_at_startup_naming_the_fix(
     with pytest.raises(StartupError, match=named) as info:
         ModelAdapter(folder, "broken")
     assert "save" in str(info.value) or "set" in str(info.value) or "point" in str(info.value)
+
+
+def test_translation_forces_the_target_language_token(checkpoints: dict[str, Path]) -> None:
+    """mBART-style decoders: the target language's token is forced as the first output."""
+    adapter = ModelAdapter(checkpoints["wav2vec2-bart"], "tiny")
+    vocab = adapter.tokenizer.get_vocab()
+    codes = {"en_XX": vocab["a"], "fr_XX": vocab["b"]}  # stand-ins for language tokens
+    adapter.tokenizer.lang_code_to_id = codes
+    assert adapter._language_code("fr") == "fr_XX"
+    kwargs = adapter.generate_kwargs(GenerationParams(task="translate", language="fr"))
+    assert kwargs["forced_bos_token_id"] == codes["fr_XX"]
+    adapter.info = adapter._describe("tiny", adapter.model.config)
+    assert adapter.info.can_translate
+    adapter.validate(GenerationParams(task="translate", language="fr"))
+    with pytest.raises(InvalidRequest, match="unknown language"):
+        adapter.validate(GenerationParams(task="translate", language="xx"))
+    inputs = adapter.features([clip(1.0)])
+    out = adapter.model.generate(**inputs, **{**kwargs, "max_new_tokens": 3})
+    assert out.sequences[0, 1].item() == codes["fr_XX"]
