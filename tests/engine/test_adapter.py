@@ -150,3 +150,24 @@ def test_translation_forces_the_target_language_token(checkpoints: dict[str, Pat
     inputs = adapter.features([clip(1.0)])
     out = adapter.model.generate(**inputs, **{**kwargs, "max_new_tokens": 3})
     assert out.sequences[0, 1].item() == codes["fr_XX"]
+
+
+def test_a_row_whose_client_left_stops_generating(checkpoints: dict[str, Path]) -> None:
+    """The engine passes `wanted`; rows no longer wanted stop at the next decoding step."""
+    adapter = ModelAdapter(checkpoints["wav2vec2-bert"], "tiny")
+    steps: list[int] = []
+    adapter.model.decoder.register_forward_hook(lambda *_: steps.append(1))
+    params = GenerationParams(max_new_tokens=8)
+    adapter.transcribe([clip(1.0), clip(1.0, seed=1)], params)
+    full = len(steps)
+    assert full == 8  # the tiny decoders never emit EOS: every row runs to max_new_tokens
+    steps.clear()
+    alive = [True, True]
+
+    def wanted() -> list[bool]:
+        if len(steps) >= 2:
+            alive[:] = [False, False]  # both clients disconnect after two steps
+        return list(alive)
+
+    adapter.transcribe([clip(1.0), clip(1.0, seed=1)], params, wanted)
+    assert len(steps) <= 3
