@@ -58,6 +58,8 @@ def test_each_response_format_with_httpx(tiny_server: LiveServer, speech_wav: by
     assert response.status_code == 200, response.text
     json_text = post(tiny_server, speech_wav).json()["text"]
     duration = len(speak("turn on the lights")) / 22_050
+    assert response.headers["x-batch-size"] == "1"
+    assert response.headers["server-timing"].startswith("queue;dur=")
     if fmt == "json":
         body = response.json()
         assert body["usage"] == {"type": "duration", "seconds": pytest.approx(duration, abs=1e-3)}

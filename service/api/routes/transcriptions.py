@@ -11,7 +11,7 @@ from service.api.deps import EngineDep, SettingsDep
 from service.api.schemas import ERROR_RESPONSES, TranscriptionJSON, TranscriptionVerbose
 from service.audio import decode_audio
 from service.engine.engine import ClientGone, Engine
-from service.engine.types import GenerationParams, Task
+from service.engine.types import GenerationParams, Task, Transcript
 from service.errors import InvalidRequest, ModelNotFound, ServiceError
 from service.settings import Settings
 
@@ -141,6 +141,24 @@ async def _handle(
         return Response(status_code=499)  # nobody reads it; ends the request cleanly
     language = params.language or (engine.info.languages[0] if engine.info.languages else "en")
     temperature = params.temperature if params.do_sample else 0.0
+    response = _render(result, duration, task, language, temperature, response_format)
+    # Where the time went, for clients and benchmarks (https://www.w3.org/TR/server-timing/).
+    response.headers["Server-Timing"] = (
+        f"queue;dur={result.queue_seconds * 1000:.1f}, "
+        f"compute;dur={result.compute_seconds * 1000:.1f}"
+    )
+    response.headers["X-Batch-Size"] = str(result.batch_size)
+    return response
+
+
+def _render(
+    result: Transcript,
+    duration: float,
+    task: Task,
+    language: str,
+    temperature: float,
+    response_format: render.ResponseFormat,
+) -> Response:
     if response_format == "text":
         return PlainTextResponse(result.text)
     if response_format == "json":
