@@ -26,6 +26,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
+from service.engine.buckets import bucket_samples
 from service.engine.types import GenerationParams
 from service.errors import InvalidRequest, StartupError, Unsupported
 
@@ -239,6 +240,9 @@ class ModelAdapter:
     def features(self, audios: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
         """Padded model inputs (and attention mask where the extractor gives one)."""
         masks = bool(getattr(self.feature_extractor, "return_attention_mask", False))
+        if not self.info.padding_invariant:  # same padded input alone or in any batch
+            rate = self.info.sampling_rate
+            audios = [np.pad(a, (0, bucket_samples(len(a), rate) - len(a))) for a in audios]
         feats = self.feature_extractor(
             list(audios),
             sampling_rate=self.info.sampling_rate,

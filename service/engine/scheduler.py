@@ -2,15 +2,16 @@
 
 One bounded queue per model. Event-loop code calls `submit()` (never blocks; rejects at once
 when full). Worker threads call `next_batch()`, which takes the most urgent live job and adds
-compatible jobs (same generation parameters; similar length; equal length when the model's
-output would change with padding) within the batch-size and padded-audio budgets, waiting up
-to `max_wait_ms` for company.
+compatible jobs (same generation parameters; similar length; the same length bucket when the
+model's output would change with padding, see `buckets`) within the batch-size and padded-audio
+budgets, waiting up to `max_wait_ms` for company.
 """
 
 import threading
 import time
 from collections.abc import Callable
 
+from service.engine.buckets import bucket_samples
 from service.engine.types import Job
 from service.errors import DeadlineExceeded, Overloaded, Unavailable
 
@@ -159,7 +160,7 @@ class Scheduler:
         for job in candidates:
             if len(batch) >= self.max_batch_size:
                 break
-            if not self.padding_invariant and job.samples != lead.samples:
+            if not self.padding_invariant and self._bucket(job) != self._bucket(lead):
                 continue
             lo, hi = min(shortest, job.samples), max(longest, job.samples)
             if hi > SIMILAR_LENGTH * max(lo, 1) or hi * (len(batch) + 1) > self.max_batch_samples:
@@ -167,6 +168,9 @@ class Scheduler:
             batch.append(job)
             shortest, longest = lo, hi
         return batch
+
+    def _bucket(self, job: Job) -> int:
+        return bucket_samples(job.samples, self.sampling_rate)
 
     def _drop_dead(self) -> None:
         now = time.monotonic()

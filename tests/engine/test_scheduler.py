@@ -1,6 +1,7 @@
 """Batch formation and back-pressure, with plain jobs (no model)."""
 
 import asyncio
+import itertools
 import time
 
 import numpy as np
@@ -78,13 +79,22 @@ def test_similar_lengths_and_padded_audio_budget(loop) -> None:
     assert sched.next_batch(0) == [a, b]  # 3 x 4 s would pad to 12 s > 10 s
 
 
-def test_without_padding_invariance_only_equal_lengths_share_a_batch(loop) -> None:
+def test_without_padding_invariance_only_one_length_bucket_shares_a_batch(loop) -> None:
     sched = make_scheduler(padding_invariant=False)
-    a, b, c = job(loop, 1.0), job(loop, 1.1), job(loop, 1.0)
+    a, b, c = job(loop, 1.0), job(loop, 1.1), job(loop, 0.8)  # buckets 1.0, 1.25, 1.0 s
     for j in (a, b, c):
         sched.submit(j)
     assert sched.next_batch(0) == [a, c]
     assert sched.next_batch(0) == [b]
+
+
+def test_length_buckets_are_a_geometric_ladder() -> None:
+    from service.engine.buckets import bucket_seconds
+
+    rungs = sorted({bucket_seconds(s / 100) for s in range(1, 3000)})
+    assert rungs[:6] == [0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
+    assert all(b / a <= 1.34 for a, b in itertools.pairwise(rungs[3:]))
+    assert all(bucket_seconds(s / 100) >= s / 100 for s in range(1, 3000))
 
 
 def test_full_queue_rejects_at_once_with_retry_after(loop) -> None:
