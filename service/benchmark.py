@@ -1,0 +1,289 @@
+"""Benchmark: the batching service vs one request at a time vs offline `generate`, side by side.
+
+    python -m service.benchmark                      # the bundled model
+    python -m service.benchmark --base-size          # random wav2vec2-base + BERT-base shape
+
+Each row is measured in the same run on the same clips: (a) the service with dynamic batching,
+(b) the same service with `max_batch_size=1` (a plain FastAPI + `generate` server), both real
+uvicorn servers driven over HTTP by `--concurrency` clients; (c) the offline limit, the model's
+adapter called directly on length-sorted batches, no HTTP. Ratios are what to read: absolute
+times on a shared machine mean little.
+"""
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import soundfile as sf
+
+from service.settings import DEFAULT_MODEL_DIR
+
+RATE = 16_000
+
+
+@dataclass
+class Row:
+    """One mode's measurements."""
+
+    mode: str
+    audio_per_s: float
+    requests_per_s: float
+    p50: float | None
+    p95: float | None
+    p99: float | None
+    mean_batch: float
+    peak_rss_mb: float
+
+
+def make_clips(model_dir: Path, count: int, low: float, high: float, seed: int) -> list[np.ndarray]:
+    """Clips of uniformly random length: the model's samples back to back, else noise."""
+    rng = np.random.default_rng(seed)
+    samples_dir = model_dir / "samples"
+    speech = [sf.read(p, dtype="float32")[0] for p in sorted(samples_dir.glob("*.wav"))]
+    pool = np.concatenate(speech) if speech else rng.normal(0, 0.1, RATE * 30).astype(np.float32)
+    clips = []
+    for _ in range(count):
+        n = int(rng.uniform(low, high) * RATE)
+        start = int(rng.integers(0, max(1, len(pool) - n))) if len(pool) > n else 0
+        clip = np.resize(pool[start:], n) if len(pool) - start < n else pool[start : start + n]
+        clips.append(np.ascontiguousarray(clip, dtype=np.float32))
+    return clips
+
+
+def wav_bytes(audio: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, audio, RATE, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def _drive(url: str, bodies: list[bytes], concurrency: int) -> tuple[list[float], list[int]]:
+    latencies: list[float] = []
+    batches: list[int] = []
+    queue: asyncio.Queue[bytes] = asyncio.Queue()
+    for body in bodies:
+        queue.put_nowait(body)
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+
+        async def client_loop() -> None:
+            while not queue.empty():
+                body = queue.get_nowait()
+                started = time.perf_counter()
+                response = await client.post(
+                    url + "/v1/audio/transcriptions", files={"file": ("a.wav", body)}
+                )
+                response.raise_for_status()
+                latencies.append(time.perf_counter() - started)
+                batches.append(int(response.headers.get("x-batch-size", "1")))
+
+        await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+    return latencies, batches
+
+
+def run_service(
+    mode: str,
+    model_dir: Path,
+    clips: list[np.ndarray],
+    args: argparse.Namespace,
+    max_batch_size: int,
+) -> Row:
+    """Start `python -m service`, warm it up, drive it, and measure it."""
+    port = _free_port()
+    env = {
+        **os.environ,
+        "STT_MODEL_DIR": str(model_dir),
+        "STT_PORT": str(port),
+        "STT_HOST": "127.0.0.1",
+        "STT_MAX_BATCH_SIZE": str(max_batch_size),
+        "STT_MAX_WAIT_MS": str(args.max_wait_ms),
+        "STT_MAX_AUDIO_SECONDS": "600",
+        "STT_MAX_QUEUE_SIZE": "10000",
+        "STT_REQUEST_TIMEOUT_S": "3600",
+        "STT_MAX_REQUEST_TIMEOUT_S": "3600",
+        "STT_MAX_BATCH_AUDIO_SECONDS": str(args.max_batch_audio_seconds),
+        "STT_LOG_LEVEL": "warning",
+    }
+    proc = subprocess.Popen([sys.executable, "-m", "service"], env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        while True:  # a benchmark may poll: nothing here is asserted on timing
+            if proc.poll() is not None:
+                raise SystemExit(f"service exited with {proc.returncode}")
+            try:
+                if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        bodies = [wav_bytes(c) for c in clips]
+        asyncio.run(_drive(url, bodies[: args.concurrency], args.concurrency))  # warm-up
+        started = time.perf_counter()
+        latencies, batches = asyncio.run(_drive(url, bodies, args.concurrency))
+        wall = time.perf_counter() - started
+        rss = peak_rss_mb(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(120)
+    audio = sum(len(c) for c in clips) / RATE
+    return Row(
+        mode=mode,
+        audio_per_s=audio / wall,
+        requests_per_s=len(clips) / wall,
+        p50=percentile(latencies, 50),
+        p95=percentile(latencies, 95),
+        p99=percentile(latencies, 99),
+        mean_batch=len(batches) / sum(1 / b for b in batches),
+        peak_rss_mb=rss,
+    )
+
+
+def run_offline(model_dir: Path, clips: list[np.ndarray], batch_size: int) -> Row:
+    """`generate` on length-sorted batches in this process: the ceiling for (a)."""
+    import torch
+
+    from service.engine.adapter import ModelAdapter
+    from service.engine.types import GenerationParams
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    adapter = ModelAdapter(model_dir, "offline")
+    params = GenerationParams(max_new_tokens=adapter.default_max_new_tokens)
+    adapter.transcribe(clips[:batch_size], params)  # warm-up
+    order = sorted(range(len(clips)), key=lambda i: len(clips[i]))
+    started = time.perf_counter()
+    batches = 0
+    for start in range(0, len(order), batch_size):
+        adapter.transcribe([clips[i] for i in order[start : start + batch_size]], params)
+        batches += 1
+    wall = time.perf_counter() - started
+    audio = sum(len(c) for c in clips) / RATE
+    return Row(
+        "(c) offline generate",
+        audio / wall,
+        len(clips) / wall,
+        None,
+        None,
+        None,
+        len(clips) / batches,
+        peak_rss_mb(os.getpid()),
+    )
+
+
+def build_base_size(out_dir: Path, tokens: int) -> Path:
+    """A random-weight wav2vec2-base encoder + BERT-base-sized decoder (about 232 M parameters),
+    generating exactly `tokens` tokens so runs are comparable."""
+    import torch
+    from transformers import (
+        BertConfig,
+        BertTokenizer,
+        GenerationConfig,
+        Wav2Vec2Config,
+        Wav2Vec2FeatureExtractor,
+    )
+
+    from model_store.compose import BERT_SPECIALS, compose_configs
+
+    vocab = out_dir / "vocab.txt"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    words = [f"w{i}" for i in range(30_522 - len(BERT_SPECIALS))]
+    vocab.write_text("\n".join((*BERT_SPECIALS, *words)) + "\n")
+    tokenizer = BertTokenizer(vocab=str(vocab))
+    decoder = BertConfig(is_decoder=True, add_cross_attention=True)
+    extractor = Wav2Vec2FeatureExtractor(return_attention_mask=False)  # as wav2vec2-base
+    torch.manual_seed(0)
+    model = compose_configs(Wav2Vec2Config(), decoder, tokenizer, extractor, out_dir)
+    model.generation_config = GenerationConfig(
+        **{
+            k: getattr(model.config, k)
+            for k in ("decoder_start_token_id", "pad_token_id", "eos_token_id")
+        },
+        min_new_tokens=tokens,
+        max_new_tokens=tokens,
+    )
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m service.benchmark",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR)
+    parser.add_argument("--base-size", action="store_true", help="random base-size model instead")
+    parser.add_argument("--tokens", type=int, default=20, help="base-size: tokens per request")
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--min-seconds", type=float, default=1.0)
+    parser.add_argument("--max-seconds", type=float, default=15.0)
+    parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--max-batch-audio-seconds", type=float, default=240.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = (
+            build_base_size(Path(tmp) / "base", args.tokens) if args.base_size else args.model
+        )
+        clips = make_clips(args.model, args.requests, args.min_seconds, args.max_seconds, args.seed)
+        rows = [
+            run_service("(a) service, batching", model_dir, clips, args, args.max_batch_size),
+            run_service("(b) service, max_batch_size=1", model_dir, clips, args, 1),
+            run_offline(model_dir, clips, args.max_batch_size),
+        ]
+    name = "base-size random (232 M)" if args.base_size else model_dir.name
+    audio = sum(len(c) for c in clips) / RATE
+    print(
+        f"\nmodel: {name}; {args.requests} requests, {audio:.0f} s of audio "
+        f"({args.min_seconds:g}-{args.max_seconds:g} s clips), concurrency {args.concurrency}, "
+        f"max_batch_size {args.max_batch_size}, max_wait_ms {args.max_wait_ms:g}\n"
+    )
+    print("| mode | audio s/s | req/s | p50 s | p95 s | p99 s | mean batch | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        lat = [f"{v:.2f}" if v is not None else "-" for v in (r.p50, r.p95, r.p99)]
+        print(
+            f"| {r.mode} | {r.audio_per_s:.1f} | {r.requests_per_s:.2f} | {' | '.join(lat)} "
+            f"| {r.mean_batch:.1f} | {r.peak_rss_mb:.0f} |"
+        )
+    a, b, c = rows
+    print(
+        f"\n(a)/(c) throughput: {a.audio_per_s / c.audio_per_s:.2f}x   "
+        f"(a)/(b) throughput: {a.audio_per_s / b.audio_per_s:.2f}x"
+    )
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1))
+
+
+if __name__ == "__main__":
+    main()
