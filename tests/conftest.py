@@ -1,8 +1,12 @@
 """Shared fixtures: tiny checkpoints, spoken audio, and a real uvicorn server on loopback."""
 
 import io
+import os
 import shutil
+import signal
+import socket
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -105,3 +109,40 @@ def encode(audio: np.ndarray, rate: int, fmt: str = "WAV", subtype: str | None =
 def speech_wav() -> bytes:
     """'turn on the lights' spoken by espeak-ng, as a 22.05 kHz 16-bit WAV file."""
     return encode(speak("turn on the lights"), 22_050, "WAV", "PCM_16")
+
+
+class ServiceProcess:
+    """`python -m service` (the README's serve command) as a child process on a free port."""
+
+    def __init__(self, **env: str) -> None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = int(sock.getsockname()[1])
+        full_env = {**os.environ, "STT_HOST": "127.0.0.1", "STT_PORT": str(self.port), **env}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "service"], env=full_env, stderr=subprocess.PIPE, text=True
+        )
+        self.log: list[str] = []
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:  # uvicorn says this once load + warm-up are done
+            self.log.append(line)
+            if "Application startup complete" in line:
+                break
+        else:
+            raise RuntimeError("service exited during start-up:\n" + "".join(self.log))
+        # keep draining so a chatty server never blocks on a full pipe
+        threading.Thread(
+            target=lambda: self.log.extend(self.proc.stderr or []), daemon=True
+        ).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> int:
+        """SIGTERM, then the exit status (uvicorn re-raises SIGTERM after a clean shutdown)."""
+        self.proc.terminate()
+        return self.proc.wait(60)
+
+
+CLEAN_EXIT = (0, -signal.SIGTERM)

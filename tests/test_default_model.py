@@ -2,10 +2,6 @@
 and its card's numbers are reproduced by the evaluation command."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,36 +11,18 @@ import pytest
 from model_store.corpus import SplitSpec, default_specs, synthesize_split
 from model_store.evaluate import evaluate_samples, evaluate_split
 from service.settings import DEFAULT_MODEL_DIR
+from tests.conftest import CLEAN_EXIT, ServiceProcess
 
 SAMPLES = DEFAULT_MODEL_DIR / "samples"
 CARD_SCORES = {s["split"]: s for s in json.loads((DEFAULT_MODEL_DIR / "scores.json").read_text())}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def served() -> Iterator[str]:
     """`python -m service` (the README's serve command) on the default settings."""
-    port = _free_port()
-    env = {**os.environ, "STT_PORT": str(port), "STT_HOST": "127.0.0.1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service"], env=env, stderr=subprocess.PIPE, text=True
-    )
-    assert proc.stderr is not None
-    try:
-        for line in proc.stderr:  # uvicorn logs this once the lifespan (load + warm-up) is done
-            if "Application startup complete" in line:
-                break
-        else:
-            pytest.fail(f"service exited with {proc.wait()} before starting")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        assert proc.wait(60) == 0  # SIGTERM is a clean shutdown
+    service = ServiceProcess()
+    yield service.url
+    assert service.stop() in CLEAN_EXIT
 
 
 def test_ready_and_listed(served: str) -> None:

@@ -19,4 +19,6 @@ async def ready(request: Request) -> JSONResponse:
         return JSONResponse(
             {"status": "not ready", "reason": reason}, status_code=503, headers={"Retry-After": "5"}
         )
-    return JSONResponse({"status": "ready", "workers": engine.pool.alive})
+    return JSONResponse(
+        {"status": "ready", "workers": engine.pool.alive, "queued": engine.scheduler.depth}
+    )
