@@ -4,7 +4,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 
 import numpy as np
 import torch
@@ -76,9 +76,13 @@ class Engine:
         *,
         timeout: float | None = None,
         priority: int = 0,
-        client_gone: Awaitable[object] | None = None,
+        client_gone: Callable[[], Awaitable[object]] | None = None,
     ) -> Transcript:
-        """Queue the audio and wait for its transcript, the deadline, or the client leaving."""
+        """Queue the audio and wait for its transcript, the deadline, or the client leaving.
+
+        `client_gone()` makes an awaitable that completes when the client disconnects; it is
+        only called once the job is queued.
+        """
         if not self.ready:
             raise Unavailable("no model worker is ready")
         self.adapter.validate(params)
@@ -96,7 +100,7 @@ class Engine:
         )
         self.scheduler.submit(job)
         waiters: set[asyncio.Future[object]] = {job.future}  # type: ignore[arg-type]
-        gone = asyncio.ensure_future(client_gone) if client_gone is not None else None
+        gone = asyncio.ensure_future(client_gone()) if client_gone is not None else None
         if gone is not None:
             waiters.add(gone)
         try:

@@ -71,7 +71,7 @@ def test_client_gone_while_queued_costs_no_compute(engine_for) -> None:
     async def run():
         first = asyncio.create_task(engine.transcribe(clips([1.0])[0], PARAMS))
         leaving = asyncio.create_task(
-            engine.transcribe(clips([1.0])[0], PARAMS, client_gone=gate.wait())
+            engine.transcribe(clips([1.0])[0], PARAMS, client_gone=gate.wait)
         )
         await asyncio.sleep(0)  # let both reach the queue
         gate.set()  # the second client disconnects

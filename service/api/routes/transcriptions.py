@@ -135,7 +135,7 @@ async def _handle(
     duration = len(audio) / engine.info.sampling_rate
     try:
         result = await engine.transcribe(
-            audio, params, timeout=timeout, client_gone=_disconnected(request)
+            audio, params, timeout=timeout, client_gone=lambda: _disconnected(request)
         )
     except ClientGone:
         return Response(status_code=499)  # nobody reads it; ends the request cleanly
