@@ -22,6 +22,9 @@ class Settings(BaseSettings):
     model_aliases: list[str] = Field(
         default_factory=list, description="Other accepted `model` names, e.g. whisper-1."
     )
+    language: str = Field(
+        "en", max_length=16, description="Language reported for a model without language tokens."
+    )
     device: str = Field(
         "auto",
         description="`auto` (each CUDA device, else one CPU worker), `cpu`, `cuda:0,cuda:1`.",

@@ -6,7 +6,6 @@ BERT, GPT-2, BART decoders) and any `AutoModelForSpeechSeq2Seq` folder fed `inpu
 """
 
 import dataclasses
-import json
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -177,7 +176,7 @@ class ModelAdapter:
         mask (padded frames are masked and zeroed before the positional convolution), and for
         Whisper (every input is padded to 30 s anyway). False otherwise: group-norm wav2vec2
         normalises over the padding, and Speech2Text's strided convolutions leak padding into
-        the last real frame. The scheduler then batches only equal-length inputs.
+        the last real frame. Such models get inputs padded to length buckets (`buckets`).
         """
         if config.model_type == "whisper":
             return True
@@ -197,11 +196,7 @@ class ModelAdapter:
         invariant = self._padding_invariant(config)
         lang_codes = getattr(self.tokenizer, "lang_code_to_id", None) or {}
         whisper = config.model_type == "whisper"
-        languages = tuple(sorted(lang_codes)) if lang_codes else ()
-        card = self.model_dir / "service.json"
-        extra = json.loads(card.read_text()) if card.is_file() else {}
-        if not languages:
-            languages = tuple(extra.get("languages", ()))
+        languages = tuple(sorted(lang_codes))
         return ModelInfo(
             name=name,
             architecture=arch,

@@ -139,7 +139,7 @@ async def _handle(
         )
     except ClientGone:
         return Response(status_code=499)  # nobody reads it; ends the request cleanly
-    language = params.language or (engine.info.languages[0] if engine.info.languages else "en")
+    language = params.language or settings.language
     temperature = params.temperature if params.do_sample else 0.0
     response = _render(result, duration, task, language, temperature, response_format)
     # Where the time went, for clients and benchmarks (https://www.w3.org/TR/server-timing/).
