@@ -169,7 +169,7 @@ class Trainer:
             labels=batch["labels"],
         )
         if not self.cfg.ctc_weight:
-            return out.loss, out.loss.item(), 0.0
+            return out.loss, out.loss.detach().item(), 0.0
         log_probs = self.ctc_head(out.encoder_last_hidden_state).log_softmax(-1).float()
         frames = self.model.encoder._get_feat_extract_output_lengths(  # type: ignore[operator]
             batch["attention_mask"].sum(-1)
@@ -182,7 +182,7 @@ class Trainer:
             blank=self.model.config.pad_token_id,
             zero_infinity=True,
         )
-        return out.loss + self.cfg.ctc_weight * ctc, out.loss.item(), ctc.item()
+        return out.loss + self.cfg.ctc_weight * ctc, out.loss.detach().item(), ctc.detach().item()
 
     def train_step(self, indices: list[int]) -> float:
         self.model.train()
@@ -194,8 +194,9 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self._last = {"loss": float(loss), "ce": ce, "ctc": ctc}
-        return float(loss)
+        value = loss.detach().item()
+        self._last = {"loss": value, "ce": ce, "ctc": ctc}
+        return value
 
     def evaluate(self) -> float:
         """Word error rate of greedy decoding on the first `eval_size` dev utterances."""
