@@ -24,6 +24,7 @@ from transformers import (
     StoppingCriteria,
     StoppingCriteriaList,
 )
+from transformers.modeling_outputs import BaseModelOutput
 
 from service.engine.buckets import bucket_samples
 from service.engine.types import GenerationParams
@@ -60,6 +61,7 @@ class ModelInfo:
     sampling_rate: int
     input_name: str  # input_values | input_features
     padding_invariant: bool  # does batching with padding leave a row's output unchanged?
+    encode_separately: bool  # encoder per row, decoder batched: any lengths may share a batch
     can_translate: bool
     languages: tuple[str, ...]
 
@@ -205,6 +207,10 @@ class ModelAdapter:
             sampling_rate=int(self.feature_extractor.sampling_rate),
             input_name=input_name,
             padding_invariant=invariant,
+            # wav2vec2-style encoder + decoder on CPU, or any encoder whose output padding would
+            # change: encode each row alone, batch the decoder (see `_encode_separately`)
+            encode_separately=config.model_type == "speech-encoder-decoder"
+            and (self.device.type == "cpu" or not invariant),
             can_translate=whisper or bool(lang_codes),
             languages=languages,
         )
@@ -286,7 +292,10 @@ class ModelAdapter:
         wanted: Callable[[], list[bool]] | None = None,
     ) -> list[Decoded]:
         """Decode a batch that shares `params`; `wanted()` lets cancelled rows stop early."""
-        inputs = self.features(audios)
+        if self.info.encode_separately and len(audios) > 1:
+            inputs = self._encode_separately(audios)
+        else:
+            inputs = self.features(audios)
         kwargs = self.generate_kwargs(params)
         if wanted is not None:
             kwargs["stopping_criteria"] = StoppingCriteriaList([_Cancelled(wanted, len(audios))])
@@ -297,6 +306,31 @@ class ModelAdapter:
         else:
             out = self.model.generate(**inputs, **kwargs)
         return self._decode(out)
+
+    def _encode_separately(self, audios: Sequence[np.ndarray]) -> dict[str, Any]:
+        """Run the encoder on each input alone, then let the decoder steps share one batch.
+
+        Each row's encoder output is exactly what it would be alone (no padding reaches the
+        encoder), and the decoder sees the padded encoder frames through the cross-attention
+        mask only. On a CPU the encoder gains nothing from batching (it is compute-bound) while
+        the decoder steps gain several times, so this batches every length together without the
+        encoder's padding waste.
+        """
+        states, samples = [], []
+        for audio in audios:
+            feats = self.features([audio])
+            states.append(self.model.encoder(**feats).last_hidden_state[0])
+            samples.append(feats[self.info.input_name].shape[-1])
+        frames = max(state.shape[0] for state in states)
+        hidden = states[0].new_zeros((len(states), frames, states[0].shape[-1]))
+        mask = torch.zeros((len(states), max(samples)), dtype=torch.long, device=self.device)
+        for row, (state, count) in enumerate(zip(states, samples, strict=True)):
+            hidden[row, : state.shape[0]] = state
+            mask[row, :count] = 1  # the model turns sample counts into encoder-frame masks
+        return {
+            "encoder_outputs": BaseModelOutput(last_hidden_state=hidden),
+            "attention_mask": mask,
+        }
 
     def _rng_devices(self) -> list[int]:
         return [self.device.index or 0] if self.device.type == "cuda" else []

@@ -38,6 +38,7 @@ class Engine:
             max_queued_audio_seconds=settings.max_queued_audio_seconds,
             sampling_rate=self.info.sampling_rate,
             padding_invariant=self.info.padding_invariant,
+            length_free=self.info.encode_separately,
         )
         self.pool = WorkerPool(adapters, self.scheduler)
         self.started = False

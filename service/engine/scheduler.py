@@ -31,6 +31,7 @@ class Scheduler:
         max_queued_audio_seconds: float,
         sampling_rate: int,
         padding_invariant: bool,
+        length_free: bool = False,
         on_drop: Callable[[Job, str], None] | None = None,
     ) -> None:
         self.max_batch_size = max_batch_size
@@ -40,6 +41,7 @@ class Scheduler:
         self.max_queued_samples = int(max_queued_audio_seconds * sampling_rate)
         self.sampling_rate = sampling_rate
         self.padding_invariant = padding_invariant
+        self.length_free = length_free  # rows are encoded alone: any lengths may share a batch
         self.on_drop = on_drop or (lambda job, reason: None)
         self._jobs: list[Job] = []
         self._queued_samples = 0
@@ -157,9 +159,15 @@ class Scheduler:
             (j for j in self._jobs if j is not lead and j.params.batch_key() == key),
             key=lambda j: (-j.priority, j.enqueued_at, j.id),
         )
+        total = lead.samples
         for job in candidates:
             if len(batch) >= self.max_batch_size:
                 break
+            if self.length_free:  # no padding reaches the encoder: budget the real audio
+                if total + job.samples <= self.max_batch_samples:
+                    batch.append(job)
+                    total += job.samples
+                continue
             if not self.padding_invariant and self._bucket(job) != self._bucket(lead):
                 continue
             lo, hi = min(shortest, job.samples), max(longest, job.samples)

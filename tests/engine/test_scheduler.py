@@ -170,3 +170,12 @@ def test_a_full_batch_does_not_wait(loop) -> None:
     started = time.monotonic()
     assert sched.next_batch(1.0) == [a, b]
     assert time.monotonic() - started < 0.5
+
+
+def test_length_free_batches_any_lengths_within_the_audio_budget(loop) -> None:
+    sched = make_scheduler(length_free=True, max_batch_audio_seconds=10, padding_invariant=False)
+    jobs = [job(loop, s) for s in (1.0, 8.0, 0.5, 2.0)]
+    for j in jobs:
+        sched.submit(j)
+    assert sched.next_batch(0) == jobs[:3]  # 9.5 s of real audio; the 2 s clip would exceed 10
+    assert sched.next_batch(0) == [jobs[3]]
