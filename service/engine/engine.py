@@ -46,9 +46,10 @@ class Engine:
     @classmethod
     def load(cls, settings: Settings) -> "Engine":
         """Load one replica per device and warm each up (blocking: call off the event loop)."""
-        devices = settings.devices(torch.cuda.device_count())
-        if "cpu" in devices:
-            torch.set_num_threads(settings.cpu_threads or os.cpu_count() or 1)
+        cores = os.cpu_count() or 1
+        devices = settings.devices(torch.cuda.device_count(), cores)
+        if "cpu" in devices:  # torch's thread count is per process: every CPU worker gets it
+            torch.set_num_threads(settings.threads_per_cpu_worker(cores, devices.count("cpu")))
         adapters = []
         for device in devices:
             adapter = ModelAdapter(settings.model_dir, settings.served_name, device, settings.dtype)

@@ -27,7 +27,8 @@ def engine_for(checkpoints: dict[str, Path]) -> Iterator:
     engines: list[Engine] = []
 
     def make(kind: str = "wav2vec2-bert", **overrides: object) -> Engine:
-        settings = settings_for(checkpoints[kind], warmup=False, cpu_threads=1, **overrides)
+        options = {"warmup": False, "cpu_threads": 1, "cpu_workers": 1, **overrides}
+        settings = settings_for(checkpoints[kind], **options)
         engine = Engine.load(settings)
         engine.start()
         engines.append(engine)
@@ -153,3 +154,17 @@ def test_a_dead_worker_is_replaced_and_its_request_answered(engine_for) -> None:
     assert asyncio.run(run()).tokens
     assert pool.restarts == 1
     assert pool.alive == 1
+
+
+def test_several_cpu_workers_share_the_queue(engine_for) -> None:
+    engine = engine_for(cpu_workers=2, max_batch_size=1, max_wait_ms=0)
+    assert [w.device for w in engine.pool.workers] == ["cpu", "cpu"]
+    assert engine.pool.workers[0].adapter is not engine.pool.workers[1].adapter  # own replicas
+
+    async def run():
+        same = clips([1.0])[0]
+        return await asyncio.gather(*(engine.transcribe(same, PARAMS) for _ in range(8)))
+
+    results = asyncio.run(run())
+    assert len({tuple(r.tokens) for r in results}) == 1  # same clip, same answer on any worker
+    assert sum(w.batches_run for w in engine.pool.workers) == 8
