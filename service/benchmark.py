@@ -4,7 +4,7 @@
     python -m service.benchmark --base-size          # random wav2vec2-base + BERT-base shape
 
 Each row is measured in the same run on the same clips: (a) the service with dynamic batching,
-(b) the same service with `max_batch_size=1` (a plain FastAPI + `generate` server), both real
+(b) the same service with `max_batch_size=1` and one worker (a plain FastAPI + `generate` server), both real
 uvicorn servers driven over HTTP by `--concurrency` clients; (c) the offline limit, the model's
 adapter called directly on length-sorted batches, no HTTP. Ratios are what to read: absolute
 times on a shared machine mean little.
@@ -114,6 +114,7 @@ def run_service(
     clips: list[np.ndarray],
     args: argparse.Namespace,
     max_batch_size: int,
+    extra_env: dict[str, str] | None = None,
 ) -> Row:
     """Start `python -m service`, warm it up, drive it, and measure it."""
     port = _free_port()
@@ -129,6 +130,7 @@ def run_service(
         "STT_REQUEST_TIMEOUT_S": "3600",
         "STT_MAX_REQUEST_TIMEOUT_S": "3600",
         "STT_MAX_BATCH_AUDIO_SECONDS": str(args.max_batch_audio_seconds),
+        **(extra_env or {}),
         "STT_LOG_LEVEL": "warning",
     }
     proc = subprocess.Popen([sys.executable, "-m", "service"], env=env)
@@ -258,7 +260,10 @@ def main(argv: list[str] | None = None) -> None:
         clips = make_clips(args.model, args.requests, args.min_seconds, args.max_seconds, args.seed)
         rows = [
             run_service("(a) service, batching", model_dir, clips, args, args.max_batch_size),
-            run_service("(b) service, max_batch_size=1", model_dir, clips, args, 1),
+            # one request at a time on one worker with every core: a plain FastAPI + generate
+            run_service(
+                "(b) service, one at a time", model_dir, clips, args, 1, {"STT_CPU_WORKERS": "1"}
+            ),
             run_offline(model_dir, clips, args.max_batch_size),
         ]
     name = "base-size random (232 M)" if args.base_size else model_dir.name
