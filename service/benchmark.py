@@ -6,8 +6,8 @@
 Each row is measured in the same run on the same clips: (a) the service with dynamic batching,
 (b) the same service with `max_batch_size=1` and one worker (a plain FastAPI + `generate`
 server), both real uvicorn servers driven over HTTP by `--concurrency` clients; (c) the
-offline limit, the model's adapter called directly on length-sorted batches, no HTTP. Ratios are what to read: absolute
-times on a shared machine mean little.
+offline limit, the model's adapter called directly on length-sorted batches, no HTTP.
+Ratios are what to read: absolute times on a shared machine mean little.
 """
 
 import argparse
