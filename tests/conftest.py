@@ -21,8 +21,6 @@ from service.api.app import create_app
 from service.settings import Settings
 from tests.checkpoints import build_checkpoint
 
-REPO = Path(__file__).resolve().parent.parent
-
 
 class LiveServer:
     """uvicorn serving an app on 127.0.0.1 (free port) in a background thread."""

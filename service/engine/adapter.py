@@ -63,7 +63,6 @@ class ModelInfo:
     padding_invariant: bool  # does batching with padding leave a row's output unchanged?
     encode_separately: bool  # encoder per row, decoder batched: any lengths may share a batch
     can_translate: bool
-    languages: tuple[str, ...]
 
 
 class _Cancelled(StoppingCriteria):
@@ -198,7 +197,6 @@ class ModelAdapter:
         invariant = self._padding_invariant(config)
         lang_codes = getattr(self.tokenizer, "lang_code_to_id", None) or {}
         whisper = config.model_type == "whisper"
-        languages = tuple(sorted(lang_codes))
         return ModelInfo(
             name=name,
             architecture=arch,
@@ -212,7 +210,6 @@ class ModelAdapter:
             encode_separately=config.model_type == "speech-encoder-decoder"
             and (self.device.type == "cpu" or not invariant),
             can_translate=whisper or bool(lang_codes),
-            languages=languages,
         )
 
     # --- request-side checks (run before queueing) ---
