@@ -40,7 +40,9 @@ class Engine:
             padding_invariant=self.info.padding_invariant,
             length_free=self.info.encode_separately,
         )
-        self.pool = WorkerPool(adapters, self.scheduler)
+        cpu_workers = sum(a.device.type == "cpu" for a in adapters)
+        share = (os.cpu_count() or 1) if cpu_workers > 1 and not settings.cpu_threads else 0
+        self.pool = WorkerPool(adapters, self.scheduler, share_cores=share)
         self.started = False
 
     @classmethod

@@ -5,10 +5,11 @@ future. A failure inside a batch fails that batch only (an out-of-memory batch i
 halves and retried); a worker thread that dies is replaced and its in-flight jobs fail with 503.
 """
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -73,9 +74,12 @@ class Worker:
         started = time.monotonic()
         try:
             self.pool.before_batch(self, jobs)
-            rows = self.adapter.transcribe(
-                [j.audio for j in jobs], jobs[0].params, wanted=lambda: [j.alive() for j in jobs]
-            )
+            with self.pool.cpu_share():
+                rows = self.adapter.transcribe(
+                    [j.audio for j in jobs],
+                    jobs[0].params,
+                    wanted=lambda: [j.alive() for j in jobs],
+                )
         except torch.OutOfMemoryError:
             if self.device.startswith("cuda"):
                 torch.cuda.empty_cache()
@@ -121,14 +125,38 @@ class WorkerPool:
         adapters: list[ModelAdapter],
         scheduler: Scheduler,
         on_drop: Callable[[Job, str], None] | None = None,
+        share_cores: int = 0,
     ) -> None:
         self.scheduler = scheduler
+        self.share_cores = share_cores  # >0: busy CPU workers split this many cores
+        self._busy = 0
         self.stopping = threading.Event()
         self.draining = threading.Event()
         self.on_drop = on_drop or (lambda job, reason: None)
         self.workers = [Worker(self, adapter, i) for i, adapter in enumerate(adapters)]
         self.restarts = 0
         self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def cpu_share(self) -> Iterator[None]:
+        """While busy, the CPU workers split the cores between them.
+
+        torch's thread count is per process, and an operation reads it when it starts: a lone
+        busy worker gets every core (single-request latency), several busy ones get a share
+        each (throughput), and the split follows each start and end of a batch.
+        """
+        if not self.share_cores:
+            yield
+            return
+        with self._lock:
+            self._busy += 1
+            torch.set_num_threads(max(1, self.share_cores // self._busy))
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._busy -= 1
+                torch.set_num_threads(max(1, self.share_cores // max(1, self._busy)))
 
     # Hooks for metrics and fault injection; the defaults do nothing.
     def before_batch(self, worker: Worker, jobs: list[Job]) -> None:

@@ -168,3 +168,19 @@ def test_several_cpu_workers_share_the_queue(engine_for) -> None:
     results = asyncio.run(run())
     assert len({tuple(r.tokens) for r in results}) == 1  # same clip, same answer on any worker
     assert sum(w.batches_run for w in engine.pool.workers) == 8
+
+
+def test_busy_cpu_workers_split_the_cores() -> None:
+    from service.engine.pool import WorkerPool
+    from tests.engine.test_scheduler import make_scheduler
+
+    before = torch.get_num_threads()
+    pool = WorkerPool([], make_scheduler(), share_cores=4)
+    try:
+        with pool.cpu_share():  # one busy worker: every core
+            assert torch.get_num_threads() == 4
+            with pool.cpu_share():  # a second starts: half each
+                assert torch.get_num_threads() == 2
+            assert torch.get_num_threads() == 4  # it finished: the first gets them back
+    finally:
+        torch.set_num_threads(before)
