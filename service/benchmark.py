@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     print("| mode | audio s/s | req/s | p50 s | p95 s | p99 s | mean batch | peak RSS MB |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        lat = [f"{v:.2f}" if v is not None else "-" for v in (r.p50, r.p95, r.p99)]
+        lat = [f"{v:.3f}" if v is not None else "-" for v in (r.p50, r.p95, r.p99)]
         print(
             f"| {r.mode} | {r.audio_per_s:.1f} | {r.requests_per_s:.2f} | {' | '.join(lat)} "
             f"| {r.mean_batch:.1f} | {r.peak_rss_mb:.0f} |"
