@@ -1,6 +1,7 @@
 """Evaluate a checkpoint on a corpus split: WER, CER and exact-match rate, batched."""
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,7 @@ def score(split: str, refs: list[str], hyps: list[str], audio_seconds: float) ->
     )
 
 
+@functools.lru_cache(maxsize=2)  # one load for all the splits of an `evaluate` command
 def load_for_eval(model_dir: Path) -> tuple[SpeechEncoderDecoderModel, Any, Any]:
     model = SpeechEncoderDecoderModel.from_pretrained(model_dir, dtype=torch.float32).eval()
     return (

@@ -61,12 +61,9 @@ def test_voice_split_keeps_test_voices_out_of_training() -> None:
     assert len(groups["test"]) == 5
 
 
-def test_compose_from_configs_serves_through_the_adapter(tmp_path: Path) -> None:
-    tokenizer = compose.word_tokenizer(tmp_path / "tok")
-    encoder, decoder = tiny_configs(len(tokenizer))
-    out = tmp_path / "model"
-    compose.compose_configs(encoder, decoder, tokenizer, compose.default_feature_extractor(), out)
-    adapter = ModelAdapter(out, "composed")
+def test_compose_from_configs_serves_through_the_adapter(tiny_init: Path) -> None:
+    adapter = ModelAdapter(tiny_init, "composed")
+    tokenizer = adapter.tokenizer
     gen = adapter.model.generation_config
     assert gen.decoder_start_token_id == tokenizer.cls_token_id
     assert gen.eos_token_id == tokenizer.sep_token_id
