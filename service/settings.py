@@ -72,7 +72,15 @@ class Settings(BaseSettings):
     # --- server ---
     host: str = Field("127.0.0.1", description="Address to bind.")
     port: int = Field(8000, ge=0, le=65535, description="Port to bind (0: any free port).")
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log level of every logger."
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="`json`: one JSON object per log line (request log included)."
+    )
+    log_transcripts: bool = Field(
+        False, description="Put transcript text in the request log (off: no user content)."
+    )
     drain_timeout_s: float = Field(
         30.0, ge=0, le=3600, description="On shutdown, how long queued work may finish."
     )

@@ -9,8 +9,10 @@ from fastapi import FastAPI
 
 from service.api import errors
 from service.api.limits import BodySizeLimit
-from service.api.routes import health, models, transcriptions
+from service.api.observe import RequestObserver
+from service.api.routes import health, metrics, models, transcriptions
 from service.engine.engine import Engine
+from service.metrics import Metrics
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -19,10 +21,11 @@ log = logging.getLogger(__name__)
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app. The model loads in the lifespan; `/ready` is 503 until it has warmed up."""
     settings = settings or Settings()
+    app_metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = await asyncio.to_thread(Engine.load, settings)
+        engine = await asyncio.to_thread(Engine.load, settings, app_metrics)
         engine.start()
         app.state.engine = engine
         log.info(
@@ -41,9 +44,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.engine = None
+    app.state.metrics = app_metrics
     errors.install(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
+    # outermost: sees every answer, the body-size limit's 413 included
+    app.add_middleware(
+        RequestObserver,
+        metrics=app_metrics,
+        paths=lambda: app.openapi()["paths"],
+        log_transcripts=settings.log_transcripts,
+    )
     app.include_router(health.router)
+    app.include_router(metrics.router)
     app.include_router(models.router)
     app.include_router(transcriptions.router)
     return app

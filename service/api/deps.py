@@ -1,4 +1,4 @@
-"""Dependencies shared by the routes: settings and engine from the app's state."""
+"""Dependencies shared by the routes: settings, engine and metrics from the app's state."""
 
 from typing import Annotated
 
@@ -6,6 +6,7 @@ from fastapi import Depends, Request
 
 from service.engine.engine import Engine
 from service.errors import Unavailable
+from service.metrics import Metrics
 from service.settings import Settings
 
 
@@ -21,5 +22,11 @@ def get_engine(request: Request) -> Engine:
     return engine
 
 
+def get_metrics(request: Request) -> Metrics:
+    metrics: Metrics = request.app.state.metrics
+    return metrics
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 EngineDep = Annotated[Engine, Depends(get_engine)]

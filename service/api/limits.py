@@ -6,6 +6,7 @@ import json
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.errors import error_body
+from service.api.observe import facts
 
 
 class _TooLarge(Exception):
@@ -30,7 +31,7 @@ class BodySizeLimit:
         headers = dict(scope.get("headers", []))
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._reject(send)
+            await self._reject(scope, send)
             return
         seen = 0
         exceeded = False
@@ -53,7 +54,7 @@ class BodySizeLimit:
             if exceeded:
                 if not answered:
                     answered = True
-                    await self._reject(send)
+                    await self._reject(scope, send)
                 return
             answered = answered or message["type"] == "http.response.start"
             await send(message)
@@ -61,15 +62,18 @@ class BodySizeLimit:
         with contextlib.suppress(_TooLarge):
             await self.app(scope, counting_receive, guarded_send)
         if exceeded and not answered:
-            await self._reject(send)
+            await self._reject(scope, send)
 
-    async def _reject(self, send: Send) -> None:
+    async def _reject(self, scope: Scope, send: Send) -> None:
+        record = facts(scope)
+        record.error_code = "too_large"
         body = json.dumps(
             error_body(
                 f"upload exceeds the limit of {self.max_bytes} bytes",
                 "invalid_request_error",
                 "too_large",
                 "file",
+                record.request_id,
             )
         ).encode()
         await send(

@@ -57,6 +57,7 @@ class ErrorDetail(BaseModel):
     type: str
     param: str | None = None
     code: str | None = None
+    request_id: str | None = None
 
 
 class ErrorBody(BaseModel):

@@ -8,6 +8,7 @@ BERT, GPT-2, BART decoders) and any `AutoModelForSpeechSeq2Seq` folder fed `inpu
 import dataclasses
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -124,6 +125,8 @@ class ModelAdapter:
         except (OSError, ValueError, KeyError) as exc:
             raise StartupError(f"cannot load weights from {model_dir}: {exc}") from exc
         self.model = model.to(self.device).eval()  # type: ignore[arg-type]
+        self._clock: dict[str, float] = {}
+        self._time_encoder()
         self._check_generation_ids()
         self.max_target_length = self._max_target_length(config)
         self.info = self._describe(name, config)
@@ -138,6 +141,29 @@ class ModelAdapter:
         return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[
             name
         ]
+
+    def _time_encoder(self) -> None:
+        """Hooks that add each encoder forward's wall time to the running batch's clock.
+
+        The encoder runs inside `generate` (or alone, see `_encode_separately`); hooks time it
+        wherever it runs. On CUDA the end hook synchronises so the time is the kernels' own.
+        """
+        encoder = self.model.get_encoder()
+        started: list[float] = []
+
+        def before(*_: object) -> None:
+            started.append(time.perf_counter())
+
+        def after(*_: object) -> None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self._tick("encoder", time.perf_counter() - started.pop())
+
+        encoder.register_forward_pre_hook(before)
+        encoder.register_forward_hook(after)
+
+    def _tick(self, stage: str, seconds: float) -> None:
+        self._clock[stage] = self._clock.get(stage, 0.0) + seconds
 
     def _check_generation_ids(self) -> None:
         gen = self.model.generation_config
@@ -237,6 +263,13 @@ class ModelAdapter:
 
     def features(self, audios: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
         """Padded model inputs (and attention mask where the extractor gives one)."""
+        started = time.perf_counter()
+        try:
+            return self._features(audios)
+        finally:
+            self._tick("features", time.perf_counter() - started)
+
+    def _features(self, audios: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
         masks = bool(getattr(self.feature_extractor, "return_attention_mask", False))
         if not self.info.padding_invariant:  # same padded input alone or in any batch
             rate = self.info.sampling_rate
@@ -287,8 +320,14 @@ class ModelAdapter:
         audios: Sequence[np.ndarray],
         params: GenerationParams,
         wanted: Callable[[], list[bool]] | None = None,
+        timings: dict[str, float] | None = None,
     ) -> list[Decoded]:
-        """Decode a batch that shares `params`; `wanted()` lets cancelled rows stop early."""
+        """Decode a batch that shares `params`; `wanted()` lets cancelled rows stop early.
+
+        `timings`, when given, receives the seconds spent per stage: features, encoder,
+        decoding (the decoder steps and search) and detokenize.
+        """
+        self._clock = {}
         if self.info.encode_separately and len(audios) > 1:
             inputs = self._encode_separately(audios)
         else:
@@ -296,13 +335,22 @@ class ModelAdapter:
         kwargs = self.generate_kwargs(params)
         if wanted is not None:
             kwargs["stopping_criteria"] = StoppingCriteriaList([_Cancelled(wanted, len(audios))])
+        encoded_before = self._clock.get("encoder", 0.0)
+        started = time.perf_counter()
         if params.do_sample and params.seed is not None:
             with _seed_lock, torch.random.fork_rng(devices=self._rng_devices()):
                 torch.manual_seed(params.seed)
                 out = self.model.generate(**inputs, **kwargs)
         else:
             out = self.model.generate(**inputs, **kwargs)
-        return self._decode(out)
+        generating = time.perf_counter() - started
+        self._tick("decoding", generating - (self._clock.get("encoder", 0.0) - encoded_before))
+        started = time.perf_counter()
+        rows = self._decode(out)
+        self._tick("detokenize", time.perf_counter() - started)
+        if timings is not None:
+            timings.update(self._clock)
+        return rows
 
     def _encode_separately(self, audios: Sequence[np.ndarray]) -> dict[str, Any]:
         """Run the encoder on each input alone, then let the decoder steps share one batch.

@@ -14,6 +14,7 @@ from service.engine.pool import WorkerPool
 from service.engine.scheduler import Scheduler
 from service.engine.types import GenerationParams, Job, Transcript
 from service.errors import DeadlineExceeded, Unavailable
+from service.metrics import EngineState, Metrics, WorkerState
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -26,8 +27,11 @@ class ClientGone(Exception):
 class Engine:
     """One model served by a pool of device workers behind one scheduler."""
 
-    def __init__(self, settings: Settings, adapters: list[ModelAdapter]) -> None:
+    def __init__(
+        self, settings: Settings, adapters: list[ModelAdapter], metrics: Metrics | None = None
+    ) -> None:
         self.settings = settings
+        self.metrics = metrics or Metrics()
         self.info: ModelInfo = adapters[0].info
         self.adapter = adapters[0]  # for request validation; every replica is alike
         self.scheduler = Scheduler(
@@ -42,11 +46,30 @@ class Engine:
         )
         cpu_workers = sum(a.device.type == "cpu" for a in adapters)
         share = (os.cpu_count() or 1) if cpu_workers > 1 and not settings.cpu_threads else 0
-        self.pool = WorkerPool(adapters, self.scheduler, share_cores=share)
+        self.pool = WorkerPool(adapters, self.scheduler, share_cores=share, metrics=self.metrics)
         self.started = False
+        self.metrics.model.info(
+            {
+                "model": self.info.name,
+                "architecture": self.info.architecture,
+                "encoder": self.info.encoder,
+                "decoder": self.info.decoder,
+                "device": ",".join(sorted({str(a.device) for a in adapters})),
+                "dtype": str(adapters[0].dtype).removeprefix("torch."),
+            }
+        )
+        self.metrics.bind_engine(
+            EngineState(
+                queue_depth=lambda: self.scheduler.depth,
+                queued_seconds=lambda: self.scheduler.queued_seconds,
+                workers=lambda: [
+                    WorkerState(w.index, w.device, w.alive) for w in self.pool.workers
+                ],
+            )
+        )
 
     @classmethod
-    def load(cls, settings: Settings) -> "Engine":
+    def load(cls, settings: Settings, metrics: Metrics | None = None) -> "Engine":
         """Load one replica per device and warm each up (blocking: call off the event loop)."""
         cores = os.cpu_count() or 1
         devices = settings.devices(torch.cuda.device_count(), cores)
@@ -60,7 +83,7 @@ class Engine:
                 adapter.warm_up()
                 log.info("warmed up on %s in %.2f s", device, time.monotonic() - started)
             adapters.append(adapter)
-        return cls(settings, adapters)
+        return cls(settings, adapters, metrics)
 
     def start(self) -> None:
         self.pool.start()
@@ -115,8 +138,22 @@ class Engine:
             if gone is not None:
                 gone.cancel()
         if job.future in done:
-            return job.future.result()
+            try:
+                result = job.future.result()
+            except DeadlineExceeded:
+                self.metrics.cancellations.labels(reason="deadline").inc()
+                raise
+            self._observe(result)
+            return result
         self.scheduler.cancel(job)
         if gone is not None and gone in done:
+            self.metrics.cancellations.labels(reason="client_gone").inc()
             raise ClientGone
+        self.metrics.cancellations.labels(reason="deadline").inc()
         raise DeadlineExceeded(f"no result within the request's {budget:.1f} s deadline")
+
+    def _observe(self, result: Transcript) -> None:
+        self.metrics.queue_wait.observe(result.queue_seconds)
+        if result.audio_seconds > 0:
+            engine_seconds = result.queue_seconds + result.compute_seconds
+            self.metrics.real_time_factor.observe(engine_seconds / result.audio_seconds)

@@ -13,10 +13,12 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from service.engine.adapter import ModelAdapter
+from service.engine.adapter import Decoded, ModelAdapter
+from service.engine.buckets import bucket_samples
 from service.engine.scheduler import Scheduler
 from service.engine.types import Job, Transcript
 from service.errors import DeadlineExceeded, ModelFailure, Unavailable
+from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,7 @@ class Worker:
 
     def _generate(self, jobs: list[Job]) -> None:
         started = time.monotonic()
+        timings: dict[str, float] = {}
         try:
             self.pool.before_batch(self, jobs)
             with self.pool.cpu_share():
@@ -79,8 +82,10 @@ class Worker:
                     [j.audio for j in jobs],
                     jobs[0].params,
                     wanted=lambda: [j.alive() for j in jobs],
+                    timings=timings,
                 )
         except torch.OutOfMemoryError:
+            self.pool.metrics.worker_failures.labels(error="out_of_memory").inc()
             if self.device.startswith("cuda"):
                 torch.cuda.empty_cache()
             if len(jobs) == 1:
@@ -92,6 +97,7 @@ class Worker:
             self._generate(jobs[half:])
             return
         except Exception as exc:
+            self.pool.metrics.worker_failures.labels(error="model_error").inc()
             log.exception("batch of %d failed", len(jobs))
             for job in jobs:
                 job.fail(ModelFailure(f"the model failed on this batch: {type(exc).__name__}"))
@@ -101,6 +107,7 @@ class Worker:
         self.busy_seconds += elapsed
         audio_seconds = sum(j.samples for j in jobs) / self.adapter.info.sampling_rate
         self.pool.scheduler.record_throughput(audio_seconds, elapsed)
+        self._observe(jobs, rows, elapsed, timings, audio_seconds)
         for job, row in zip(jobs, rows, strict=True):
             job.resolve(
                 Transcript(
@@ -116,6 +123,32 @@ class Worker:
             )
         self.pool.after_batch(self, jobs, elapsed)
 
+    def _observe(
+        self,
+        jobs: list[Job],
+        rows: list[Decoded],
+        elapsed: float,
+        timings: dict[str, float],
+        audio_seconds: float,
+    ) -> None:
+        metrics = self.pool.metrics
+        labels = {"worker": str(self.index), "device": self.device}
+        metrics.worker_busy.labels(**labels).inc(elapsed)
+        metrics.worker_batches.labels(**labels).inc()
+        metrics.batch_size.observe(len(jobs))
+        metrics.batch_padding.observe(self._padding(jobs))
+        for stage, seconds in timings.items():
+            metrics.observe_stage(stage, seconds)
+        metrics.audio_seconds.inc(audio_seconds)
+        metrics.tokens.inc(sum(len(row.tokens) for row in rows))
+
+    def _padding(self, jobs: list[Job]) -> float:
+        """The fraction of the batch's padded audio (rows x longest padded row) that is padding."""
+        rate = self.adapter.info.sampling_rate
+        invariant = self.adapter.info.padding_invariant
+        padded = max(j.samples if invariant else bucket_samples(j.samples, rate) for j in jobs)
+        return 1.0 - sum(j.samples for j in jobs) / max(1, padded * len(jobs))
+
 
 class WorkerPool:
     """Starts, watches and stops the workers."""
@@ -126,8 +159,10 @@ class WorkerPool:
         scheduler: Scheduler,
         on_drop: Callable[[Job, str], None] | None = None,
         share_cores: int = 0,
+        metrics: Metrics | None = None,
     ) -> None:
         self.scheduler = scheduler
+        self.metrics = metrics or Metrics()
         self.share_cores = share_cores  # >0: busy CPU workers split this many cores
         self._busy = 0
         self.stopping = threading.Event()
@@ -177,6 +212,7 @@ class WorkerPool:
             fresh = Worker(self, dead.adapter, dead.index)
             self.workers[dead.index] = fresh
             self.restarts += 1
+            self.metrics.worker_restarts.inc()
             fresh.thread.start()
 
     @property

@@ -23,7 +23,8 @@ def post(server: LiveServer, body: bytes | None = None, name: str = "a.wav", **f
 def assert_error(response: httpx.Response, status: int, code: str, param: str | None = None):
     assert response.status_code == status, response.text
     error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
+    assert set(error) == {"message", "type", "param", "code", "request_id"}
+    assert error["request_id"] == response.headers["x-request-id"]
     assert error["code"] == code
     assert error["message"]
     if param is not None:

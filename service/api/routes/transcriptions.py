@@ -1,6 +1,7 @@
 """`POST /v1/audio/transcriptions` and `/v1/audio/translations`, as the OpenAI API has them."""
 
 import asyncio
+import time
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
@@ -8,6 +9,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from service.api import render
 from service.api.deps import EngineDep, SettingsDep
+from service.api.observe import facts
 from service.api.schemas import ERROR_RESPONSES, TranscriptionJSON, TranscriptionVerbose
 from service.audio import decode_audio
 from service.engine.engine import ClientGone, Engine
@@ -118,8 +120,11 @@ async def _handle(
         raise ModelNotFound(
             f"model {model!r} is not loaded; GET /v1/models lists what is", param="model"
         )
+    record = facts(request.scope)
+    record.response_format = response_format
     engine.adapter.validate(params)
     data = await file.read()
+    started = time.perf_counter()
     try:
         audio = await asyncio.to_thread(
             decode_audio,
@@ -132,13 +137,19 @@ async def _handle(
         exc.param = exc.param or "file"
         raise
     del data
+    engine.metrics.observe_stage("decode", time.perf_counter() - started)
     duration = len(audio) / engine.info.sampling_rate
+    record.audio_seconds = duration
     try:
         result = await engine.transcribe(
             audio, params, timeout=timeout, client_gone=lambda: _disconnected(request)
         )
     except ClientGone:
         return Response(status_code=499)  # nobody reads it; ends the request cleanly
+    record.queue_seconds = result.queue_seconds
+    record.compute_seconds = result.compute_seconds
+    record.batch_size = result.batch_size
+    record.text = result.text
     language = params.language or settings.language
     temperature = params.temperature if params.do_sample else 0.0
     response = _render(result, duration, task, language, temperature, response_format)
