@@ -17,6 +17,7 @@ def main() -> None:
         log_level=settings.log_level,
         log_config=None,  # keep `logs.configure`'s handler (text or JSON)
         access_log=False,  # the service logs each request itself, with its id and timings
+        ws_max_size=settings.max_frame_bytes + 64 * 1024,  # the route answers oversize frames
         timeout_graceful_shutdown=int(settings.drain_timeout_s) + 5,
     )
 

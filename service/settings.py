@@ -69,6 +69,20 @@ class Settings(BaseSettings):
     max_num_beams: int = Field(8, ge=1, le=64, description="Cap on beam width.")
     max_prompt_chars: int = Field(2000, ge=0, description="Cap on the `prompt` field.")
 
+    # --- streaming (websocket sessions) ---
+    max_streams: int = Field(
+        32, ge=1, le=10_000, description="Concurrent websocket sessions (more: close 1013)."
+    )
+    stream_idle_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="Close a session that sends nothing for this long."
+    )
+    max_stream_seconds: float = Field(
+        3600.0, gt=0, le=86_400, description="Longest a session may last (wall clock)."
+    )
+    max_frame_bytes: int = Field(
+        1024 * 1024, ge=1024, le=64 * 1024 * 1024, description="Largest websocket message."
+    )
+
     # --- server ---
     host: str = Field("127.0.0.1", description="Address to bind.")
     port: int = Field(8000, ge=0, le=65535, description="Port to bind (0: any free port).")

@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from service.api import errors
 from service.api.limits import BodySizeLimit
 from service.api.observe import RequestObserver
-from service.api.routes import health, metrics, models, transcriptions
+from service.api.routes import health, metrics, models, stream, transcriptions
 from service.engine.engine import Engine
 from service.metrics import Metrics
 from service.settings import Settings
@@ -45,6 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.engine = None
     app.state.metrics = app_metrics
+    app.state.streams = 0  # open websocket sessions
     errors.install(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
     # outermost: sees every answer, the body-size limit's 413 included
@@ -58,4 +59,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(metrics.router)
     app.include_router(models.router)
     app.include_router(transcriptions.router)
+    app.include_router(stream.router)
     return app

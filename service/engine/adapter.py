@@ -25,6 +25,7 @@ from transformers import (
     StoppingCriteria,
     StoppingCriteriaList,
 )
+from transformers.generation.streamers import BaseStreamer
 from transformers.modeling_outputs import BaseModelOutput
 
 from service.engine.buckets import bucket_samples
@@ -78,6 +79,37 @@ class _Cancelled(StoppingCriteria):
         per_beam = input_ids.shape[0] // self.rows
         done = torch.tensor([not a for a in alive for _ in range(per_beam)])
         return done.to(input_ids.device)
+
+
+TokenSink = Callable[[int], None]
+
+
+class _RowStreamer(BaseStreamer):
+    """Hands each row's newly generated token to that row's sink, until the row ends.
+
+    `generate` calls `put` first with the decoder prompt (2-D, skipped), then once per step with
+    one token per row; a row that has emitted EOS is then padded, and those pads are not passed on.
+    """
+
+    def __init__(self, sinks: Sequence[TokenSink | None], eos: set[int]) -> None:
+        self.sinks = sinks
+        self.eos = eos
+        self.finished = [sink is None for sink in sinks]
+
+    def put(self, value: torch.Tensor) -> None:
+        if value.dim() != 1:
+            return
+        for row, token in enumerate(value.tolist()):
+            sink = self.sinks[row]
+            if self.finished[row] or sink is None:
+                continue
+            if token in self.eos:
+                self.finished[row] = True
+                continue
+            sink(int(token))
+
+    def end(self) -> None:
+        self.finished = [True] * len(self.sinks)
 
 
 def _require(value: object, what: str, fix: str) -> None:
@@ -321,11 +353,14 @@ class ModelAdapter:
         params: GenerationParams,
         wanted: Callable[[], list[bool]] | None = None,
         timings: dict[str, float] | None = None,
+        sinks: Sequence[TokenSink | None] | None = None,
     ) -> list[Decoded]:
         """Decode a batch that shares `params`; `wanted()` lets cancelled rows stop early.
 
         `timings`, when given, receives the seconds spent per stage: features, encoder,
-        decoding (the decoder steps and search) and detokenize.
+        decoding (the decoder steps and search) and detokenize. `sinks[i]`, when given, receives
+        row i's token ids as they are generated (not with beam search: beams are only decided at
+        the end, so those rows get their tokens from the result).
         """
         self._clock = {}
         if self.info.encode_separately and len(audios) > 1:
@@ -335,6 +370,8 @@ class ModelAdapter:
         kwargs = self.generate_kwargs(params)
         if wanted is not None:
             kwargs["stopping_criteria"] = StoppingCriteriaList([_Cancelled(wanted, len(audios))])
+        if sinks is not None and any(sinks) and params.num_beams == 1:
+            kwargs["streamer"] = _RowStreamer(sinks, self._eos_ids())
         encoded_before = self._clock.get("encoder", 0.0)
         started = time.perf_counter()
         if params.do_sample and params.seed is not None:
@@ -377,6 +414,10 @@ class ModelAdapter:
             "attention_mask": mask,
         }
 
+    def _eos_ids(self) -> set[int]:
+        eos = self.model.generation_config.eos_token_id
+        return set(eos) if isinstance(eos, list) else {int(eos)}
+
     def _rng_devices(self) -> list[int]:
         return [self.device.index or 0] if self.device.type == "cuda" else []
 
@@ -388,8 +429,7 @@ class ModelAdapter:
         generated = sequences[:, -scores.shape[1] :] if scores.shape[1] else sequences[:, :0]
         special = set(self.tokenizer.all_special_ids)
         pad = self.model.generation_config.pad_token_id
-        eos = self.model.generation_config.eos_token_id
-        eos_ids = set(eos) if isinstance(eos, list) else {eos}
+        eos_ids = self._eos_ids()
         rows = []
         for ids_t, lp_t in zip(generated.tolist(), scores.float().tolist(), strict=True):
             tokens, logprobs = [], []

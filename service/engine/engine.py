@@ -96,19 +96,19 @@ class Engine:
     def stop(self) -> None:
         self.pool.stop(self.settings.drain_timeout_s)
 
-    async def transcribe(
+    def submit(
         self,
         audio: np.ndarray,
         params: GenerationParams,
         *,
         timeout: float | None = None,
         priority: int = 0,
-        client_gone: Callable[[], Awaitable[object]] | None = None,
-    ) -> Transcript:
-        """Queue the audio and wait for its transcript, the deadline, or the client leaving.
+        tokens: "asyncio.Queue[int] | None" = None,
+    ) -> Job:
+        """Queue the audio (raises `Overloaded`/`Unavailable` at once); await it with `result`.
 
-        `client_gone()` makes an awaitable that completes when the client disconnects; it is
-        only called once the job is queued.
+        With `tokens`, each generated token id is put on that queue as it is generated (for
+        streamed responses; greedy and sampling only).
         """
         if not self.ready:
             raise Unavailable("no model worker is ready")
@@ -125,15 +125,39 @@ class Engine:
             loop=loop,
             priority=priority,
         )
+        if tokens is not None:
+            sink = tokens
+
+            def on_token(token: int) -> None:  # worker thread → event loop
+                loop.call_soon_threadsafe(sink.put_nowait, token)
+
+            job.on_token = on_token
         self.scheduler.submit(job)
+        return job
+
+    async def result(
+        self, job: Job, *, client_gone: Callable[[], Awaitable[object]] | None = None
+    ) -> Transcript:
+        """Wait for the job's transcript, its deadline, or the client leaving.
+
+        `client_gone()` makes an awaitable that completes when the client disconnects. If the
+        awaiting task is cancelled (the client's connection handler ended), the job is
+        cancelled too: queued, it leaves the queue; generating, its row stops.
+        """
         waiters: set[asyncio.Future[object]] = {job.future}  # type: ignore[arg-type]
         gone = asyncio.ensure_future(client_gone()) if client_gone is not None else None
         if gone is not None:
             waiters.add(gone)
         try:
             done, _ = await asyncio.wait(
-                waiters, timeout=budget, return_when=asyncio.FIRST_COMPLETED
+                waiters,
+                timeout=max(0.0, job.deadline - time.monotonic()),
+                return_when=asyncio.FIRST_COMPLETED,
             )
+        except asyncio.CancelledError:
+            self.scheduler.cancel(job)
+            self.metrics.cancellations.labels(reason="client_gone").inc()
+            raise
         finally:
             if gone is not None:
                 gone.cancel()
@@ -150,7 +174,20 @@ class Engine:
             self.metrics.cancellations.labels(reason="client_gone").inc()
             raise ClientGone
         self.metrics.cancellations.labels(reason="deadline").inc()
-        raise DeadlineExceeded(f"no result within the request's {budget:.1f} s deadline")
+        raise DeadlineExceeded("no result within the request's deadline")
+
+    async def transcribe(
+        self,
+        audio: np.ndarray,
+        params: GenerationParams,
+        *,
+        timeout: float | None = None,
+        priority: int = 0,
+        client_gone: Callable[[], Awaitable[object]] | None = None,
+    ) -> Transcript:
+        """Queue the audio and wait for its transcript (`submit` then `result`)."""
+        job = self.submit(audio, params, timeout=timeout, priority=priority)
+        return await self.result(job, client_gone=client_gone)
 
     def _observe(self, result: Transcript) -> None:
         self.metrics.queue_wait.observe(result.queue_seconds)

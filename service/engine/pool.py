@@ -83,6 +83,7 @@ class Worker:
                     jobs[0].params,
                     wanted=lambda: [j.alive() for j in jobs],
                     timings=timings,
+                    sinks=[j.on_token for j in jobs] if any(j.on_token for j in jobs) else None,
                 )
         except torch.OutOfMemoryError:
             self.pool.metrics.worker_failures.labels(error="out_of_memory").inc()

@@ -4,6 +4,7 @@ import asyncio
 import dataclasses
 import itertools
 import time
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
@@ -64,6 +65,8 @@ class Job:
     id: int = dataclasses.field(default_factory=lambda: next(_ids))
     enqueued_at: float = dataclasses.field(default_factory=time.monotonic)
     cancelled: bool = False  # set from the loop when the client leaves; read by workers
+    # called on the worker thread with each generated token id (greedy/sampling only)
+    on_token: Callable[[int], None] | None = None
 
     @property
     def samples(self) -> int:

@@ -65,9 +65,9 @@ def test_client_gone_while_queued_costs_no_compute(engine_for) -> None:
     original = engine.pool.workers[0].adapter.transcribe
     gate = asyncio.Event()
 
-    def counting(audios, params, wanted=None, timings=None):
+    def counting(audios, params, wanted=None, **kwargs):
         rows_run.append(len(audios))
-        return original(audios, params, wanted, timings)
+        return original(audios, params, wanted, **kwargs)
 
     engine.pool.workers[0].adapter.transcribe = counting  # type: ignore[method-assign]
 
@@ -94,11 +94,11 @@ def test_a_failing_batch_fails_only_itself(engine_for) -> None:
     original = worker.adapter.transcribe
     calls = {"n": 0}
 
-    def flaky(audios, params, wanted=None, timings=None):
+    def flaky(audios, params, wanted=None, **kwargs):
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("injected")
-        return original(audios, params, wanted, timings)
+        return original(audios, params, wanted, **kwargs)
 
     worker.adapter.transcribe = flaky  # type: ignore[method-assign]
 
@@ -117,11 +117,11 @@ def test_out_of_memory_splits_the_batch(engine_for) -> None:
     original = worker.adapter.transcribe
     sizes: list[int] = []
 
-    def small_memory(audios, params, wanted=None, timings=None):
+    def small_memory(audios, params, wanted=None, **kwargs):
         sizes.append(len(audios))
         if len(audios) > 1:
             raise torch.OutOfMemoryError("injected")
-        return original(audios, params, wanted, timings)
+        return original(audios, params, wanted, **kwargs)
 
     worker.adapter.transcribe = small_memory  # type: ignore[method-assign]
 

@@ -1,21 +1,24 @@
 """`POST /v1/audio/transcriptions` and `/v1/audio/translations`, as the OpenAI API has them."""
 
 import asyncio
+import json
 import time
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from service.api import render
 from service.api.deps import EngineDep, SettingsDep
-from service.api.observe import facts
+from service.api.observe import RequestFacts, facts
 from service.api.schemas import ERROR_RESPONSES, TranscriptionJSON, TranscriptionVerbose
 from service.audio import decode_audio
 from service.engine.engine import ClientGone, Engine
-from service.engine.types import GenerationParams, Task, Transcript
+from service.engine.types import GenerationParams, Job, Task, Transcript
 from service.errors import InvalidRequest, ModelNotFound, ServiceError
 from service.settings import Settings
+from service.streaming.detok import IncrementalDetokenizer
 
 router = APIRouter(tags=["audio"], responses=ERROR_RESPONSES)
 
@@ -32,6 +35,13 @@ _RESPONSES: dict[int | str, dict[str, object]] = {
                 }
             },
             "text/plain": {"schema": {"type": "string"}},
+            "text/event-stream": {
+                "schema": {
+                    "type": "string",
+                    "description": "With `stream=true`: `transcript.text.delta` events as "
+                    "tokens are generated, then one `transcript.text.done`",
+                }
+            },
         },
     }
 }
@@ -50,6 +60,9 @@ MaxTokensField = Annotated[int | None, Form(ge=1, description="Tokens to generat
 PenaltyField = Annotated[float, Form(gt=0, le=10, description="Repetition penalty")]
 SeedField = Annotated[int | None, Form(ge=0, le=2**32 - 1, description="Sampling seed")]
 TimeoutField = Annotated[float | None, Form(gt=0, description="Deadline in seconds (capped)")]
+StreamField = Annotated[
+    bool, Form(description="Server-Sent Events: text deltas as tokens are generated")
+]
 
 
 def _params(
@@ -115,6 +128,7 @@ async def _handle(
     response_format: render.ResponseFormat,
     params: GenerationParams,
     timeout: float | None,
+    stream: bool = False,
 ) -> Response:
     if model is not None and model not in (settings.served_name, *settings.model_aliases):
         raise ModelNotFound(
@@ -140,10 +154,17 @@ async def _handle(
     engine.metrics.observe_stage("decode", time.perf_counter() - started)
     duration = len(audio) / engine.info.sampling_rate
     record.audio_seconds = duration
-    try:
-        result = await engine.transcribe(
-            audio, params, timeout=timeout, client_gone=lambda: _disconnected(request)
+    if stream:
+        tokens: asyncio.Queue[int] = asyncio.Queue()
+        job = engine.submit(audio, params, timeout=timeout, tokens=tokens)  # 429/503 as JSON
+        return StreamingResponse(
+            _events(engine, job, tokens, record),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
+    try:
+        job = engine.submit(audio, params, timeout=timeout)
+        result = await engine.result(job, client_gone=lambda: _disconnected(request))
     except ClientGone:
         return Response(status_code=499)  # nobody reads it; ends the request cleanly
     record.queue_seconds = result.queue_seconds
@@ -160,6 +181,54 @@ async def _handle(
     )
     response.headers["X-Batch-Size"] = str(result.batch_size)
     return response
+
+
+def _sse(event: dict[str, object]) -> str:
+    return f"data: {json.dumps(event)}\n\n"
+
+
+async def _events(
+    engine: Engine, job: Job, tokens: "asyncio.Queue[int]", record: RequestFacts
+) -> AsyncIterator[str]:
+    """OpenAI's transcription stream: text deltas as tokens arrive, then the whole text.
+
+    Leaving early (the client disconnects: the response task is cancelled) cancels the job.
+    A failure after the stream has begun is sent as an `error` event in the error shape.
+    """
+    detok = IncrementalDetokenizer(engine.adapter.tokenizer)
+    waiter = asyncio.ensure_future(engine.result(job))
+    streamed = []
+    try:
+        while not waiter.done():
+            getter = asyncio.ensure_future(tokens.get())
+            await asyncio.wait({getter, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            if not getter.done():
+                getter.cancel()
+                break
+            if delta := detok.push(getter.result()):
+                streamed.append(delta)
+                yield _sse({"type": "transcript.text.delta", "delta": delta})
+        while not tokens.empty():  # tokens that arrived with the result
+            if delta := detok.push(tokens.get_nowait()):
+                streamed.append(delta)
+                yield _sse({"type": "transcript.text.delta", "delta": delta})
+        try:
+            result = waiter.result()
+        except ServiceError as exc:
+            record.error_code = exc.code
+            error = {"message": exc.message, "type": exc.type, "param": None, "code": exc.code}
+            yield _sse({"type": "error", "error": {**error, "request_id": record.request_id}})
+            return
+        rest = detok.finish() if streamed else result.text  # beam search streams no tokens
+        if rest:
+            yield _sse({"type": "transcript.text.delta", "delta": rest})
+        record.queue_seconds = result.queue_seconds
+        record.compute_seconds = result.compute_seconds
+        record.batch_size = result.batch_size
+        record.text = result.text
+        yield _sse({"type": "transcript.text.done", "text": result.text})
+    finally:
+        waiter.cancel()
 
 
 def _render(
@@ -206,6 +275,7 @@ async def transcriptions(
     repetition_penalty: PenaltyField = 1.0,
     seed: SeedField = None,
     timeout: TimeoutField = None,
+    stream: StreamField = False,
 ) -> Response:
     params = _params(
         settings,
@@ -223,7 +293,16 @@ async def transcriptions(
         seed,
     )
     return await _handle(
-        request, engine, settings, "transcribe", file, model, response_format, params, timeout
+        request,
+        engine,
+        settings,
+        "transcribe",
+        file,
+        model,
+        response_format,
+        params,
+        timeout,
+        stream,
     )
 
 

@@ -1,0 +1,274 @@
+"""`/v1/audio/stream`: live transcription over a websocket (protocol in the README).
+
+The route owns the connection: limits (sessions, frame size, idle time, session length), the
+configuration handshake, and turning bad client messages into `error` events. The session
+(`service.streaming.session`) owns the audio and the transcripts.
+"""
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+
+from fastapi import APIRouter, WebSocket
+from pydantic import ValidationError
+from starlette.websockets import WebSocketDisconnect, WebSocketState
+
+from service.api.observe import facts
+from service.engine.engine import Engine
+from service.engine.types import GenerationParams
+from service.metrics import Metrics
+from service.settings import Settings
+from service.streaming.pcm import BadFrame
+from service.streaming.session import StreamConfig, StreamSession
+
+router = APIRouter()
+log = logging.getLogger("service.stream")
+
+TRY_AGAIN_LATER = 1013  # RFC 6455 close codes
+POLICY = 1008
+TOO_BIG = 1009
+
+
+class _Close(Exception):
+    """End the session with this close code and reason (after flushing finals if asked)."""
+
+    def __init__(self, code: int, reason: str, flush: bool = True) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+        self.flush = flush
+
+
+def _error(code: str, message: str) -> dict[str, object]:
+    return {
+        "type": "error",
+        "error": {"message": message, "type": "invalid_request_error", "code": code},
+    }
+
+
+class _Connection:
+    """One websocket: sends serialised (the session sends from its own task)."""
+
+    def __init__(self, websocket: WebSocket) -> None:
+        self.websocket = websocket
+        self.lock = asyncio.Lock()
+
+    async def send(self, event: dict[str, object]) -> None:
+        async with self.lock:
+            await self.websocket.send_text(json.dumps(event))
+
+    async def close(self, code: int, reason: str) -> None:
+        if self.websocket.client_state == WebSocketState.CONNECTED:
+            with contextlib.suppress(Exception):
+                await self.websocket.close(code, reason)
+
+
+def _query_config(websocket: WebSocket) -> dict[str, object] | None:
+    """Configuration from the query string, or None when the client will send a config message."""
+    query: dict[str, object] = {
+        k: v for k, v in websocket.query_params.items() if k in StreamConfig.model_fields
+    }
+    return query or None
+
+
+def _params(config: StreamConfig, engine: Engine, settings: Settings) -> GenerationParams:
+    if config.num_beams > settings.max_num_beams:
+        raise ValueError(f"num_beams is {config.num_beams}; the limit is {settings.max_num_beams}")
+    if config.max_new_tokens is not None and config.max_new_tokens > settings.max_new_tokens:
+        raise ValueError(
+            f"max_new_tokens is {config.max_new_tokens}; the limit is {settings.max_new_tokens}"
+        )
+    if config.max_utterance_seconds > settings.max_audio_seconds:
+        raise ValueError(
+            f"max_utterance_seconds is {config.max_utterance_seconds:g}; the limit is "
+            f"{settings.max_audio_seconds:g}"
+        )
+    if config.model is not None and config.model not in (
+        settings.served_name,
+        *settings.model_aliases,
+    ):
+        raise ValueError(f"model {config.model!r} is not loaded")
+    params = GenerationParams(
+        task=config.task,
+        language=config.language,
+        num_beams=config.num_beams,
+        max_new_tokens=config.max_new_tokens
+        or min(settings.max_new_tokens, engine.adapter.default_max_new_tokens),
+    )
+    engine.adapter.validate(params)
+    return params
+
+
+@router.websocket("/v1/audio/stream")
+async def stream(websocket: WebSocket) -> None:
+    app = websocket.app
+    settings: Settings = app.state.settings
+    metrics: Metrics = app.state.metrics
+    engine: Engine | None = app.state.engine
+    connection = _Connection(websocket)
+    request_id = facts(websocket.scope).request_id
+    await websocket.accept(headers=[(b"x-request-id", request_id.encode())])
+    if engine is None or not engine.ready:
+        metrics.rejections.labels(reason="unavailable").inc()
+        await connection.close(TRY_AGAIN_LATER, "the model is not ready")
+        return
+    if app.state.streams >= settings.max_streams:
+        metrics.rejections.labels(reason="too_many_streams").inc()
+        await connection.close(TRY_AGAIN_LATER, f"at most {settings.max_streams} streams")
+        return
+    app.state.streams += 1
+    metrics.streams_active.inc()
+    metrics.streams_opened.inc()
+    started = time.monotonic()
+    reason = "error"
+    session: StreamSession | None = None
+    try:
+        session = None
+        query = _query_config(websocket)
+        if query is not None:
+            session = await _configure(query, engine, settings, metrics, connection)
+        reason = await _serve(websocket, connection, session, engine, settings, metrics, started)
+    finally:
+        app.state.streams -= 1
+        metrics.streams_active.dec()
+        metrics.streams_closed.labels(reason=reason).inc()
+        log.info(
+            "stream closed",
+            extra={
+                "fields": {
+                    "request_id": request_id,
+                    "reason": reason,
+                    "duration_s": round(time.monotonic() - started, 2),
+                }
+            },
+        )
+
+
+async def _configure(
+    raw: dict[str, object],
+    engine: Engine,
+    settings: Settings,
+    metrics: Metrics,
+    connection: _Connection,
+) -> StreamSession | None:
+    """A session from a config, or None after an `error` event naming what is wrong."""
+    try:
+        config = StreamConfig.model_validate(raw)
+        params = _params(config, engine, settings)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        await connection.send(_error("invalid_config", f"{where}: {first['msg']}"))
+        return None
+    except ValueError as exc:
+        await connection.send(_error("invalid_config", str(exc)))
+        return None
+    except Exception as exc:  # e.g. Unsupported (translate) from the adapter
+        await connection.send(_error("invalid_config", str(exc)))
+        return None
+    session = StreamSession(engine, config, params, connection.send, metrics)
+    effective = config.model_dump()
+    effective["model"] = config.model or settings.served_name
+    await connection.send(
+        {"type": "session.created", "session_id": uuid.uuid4().hex, "config": effective}
+    )
+    return session
+
+
+async def _serve(
+    websocket: WebSocket,
+    connection: _Connection,
+    session: StreamSession | None,
+    engine: Engine,
+    settings: Settings,
+    metrics: Metrics,
+    started: float,
+) -> str:
+    """Read client messages until the stream ends; returns the reason it ended."""
+    audio_started = False
+    try:
+        while True:
+            remaining = settings.max_stream_seconds - (time.monotonic() - started)
+            if remaining <= 0:
+                raise _Close(POLICY, "the session reached its maximum length")
+            try:
+                message = await asyncio.wait_for(
+                    websocket.receive(), min(remaining, settings.stream_idle_timeout_s)
+                )
+            except TimeoutError:
+                if time.monotonic() - started >= settings.max_stream_seconds:
+                    raise _Close(POLICY, "the session reached its maximum length") from None
+                raise _Close(POLICY, "idle timeout: no message received") from None
+            if message["type"] == "websocket.disconnect":
+                if session is not None:
+                    await session.abort()
+                return "client_gone"
+            if session is not None and session.task.done():  # the session failed (send error)
+                session.task.result()
+            data = message.get("bytes")
+            if data is not None:
+                if len(data) > settings.max_frame_bytes:
+                    raise _Close(TOO_BIG, f"frame over the {settings.max_frame_bytes}-byte limit")
+                if session is None:
+                    await connection.send(
+                        _error("config_required", "send a config message before audio")
+                    )
+                    continue
+                try:
+                    await session.feed(data)
+                    audio_started = True
+                except BadFrame as exc:
+                    await connection.send(_error("bad_frame", str(exc)))
+                continue
+            text = message.get("text") or ""
+            if len(text) > settings.max_frame_bytes:
+                raise _Close(TOO_BIG, f"message over the {settings.max_frame_bytes}-byte limit")
+            try:
+                event = json.loads(text)
+            except ValueError:
+                await connection.send(_error("invalid_json", "messages must be JSON objects"))
+                continue
+            kind = event.get("type") if isinstance(event, dict) else None
+            if kind == "end":
+                if session is not None:
+                    await session.finish()
+                await connection.send({"type": "session.ended"})
+                await connection.close(1000, "end of stream")
+                return "end"
+            if kind == "config":
+                if audio_started:
+                    await connection.send(
+                        _error("already_configured", "config must come before any audio")
+                    )
+                    continue
+                fresh = await _configure(event, engine, settings, metrics, connection)
+                if fresh is not None:
+                    if session is not None:
+                        await session.abort()
+                    session = fresh
+                continue
+            await connection.send(
+                _error("unknown_event", f"unknown event type {kind!r}: use config or end")
+            )
+    except _Close as close:
+        if session is not None:
+            if close.flush:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(session.finish(), settings.request_timeout_s)
+            await session.abort()
+        with contextlib.suppress(Exception):
+            code = {POLICY: "policy", TOO_BIG: "too_large"}.get(close.code, "closed")
+            await connection.send(_error(code, close.reason))
+        await connection.close(close.code, close.reason)
+        return {TOO_BIG: "frame_too_large"}.get(close.code, "timeout")
+    except WebSocketDisconnect:
+        if session is not None:
+            await session.abort()
+        return "client_gone"
+    except BaseException:
+        if session is not None:
+            await session.abort()
+        raise

@@ -1,0 +1,517 @@
+"""Benchmark: live transcription latency of N concurrent real-time websocket sessions.
+
+    python -m service.benchmark_stream                         # 1, 4, 8 and 16 sessions
+    python -m service.benchmark_stream --sessions 1 4 16 --json stream.json
+
+For each N a fresh `python -m service` is started and N clients each stream about
+`--seconds-per-session` of spoken commands (espeak-ng, the bundled model's domain, each phrase
+followed by a second of silence) as 20 ms pcm_s16le frames at real-time pace, session starts
+staggered over the first second. Latencies are measured by the clients, on their own clock:
+
+- partial: for every frame inside a phrase, from sending it to the first `transcript.partial`
+  whose `audio_end` covers it (or the utterance's `transcript.final`, if that comes first);
+- final: from sending the frame in which the endpoint could first be found (`end` of the final
+  plus the session's `silence_duration_ms`) to receiving the final.
+
+The server's own `stt_stream_*_latency_seconds` and `stt_batch_size` means (from `/metrics`)
+are printed next to them as a cross-check. Absolute numbers depend on the machine; the client
+shares it with the server, so its CPU use and how far it fell behind its schedule are shown too.
+"""
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import numpy.typing as npt
+from prometheus_client.parser import text_string_to_metric_families
+from websockets.asyncio.client import connect
+
+from service.settings import DEFAULT_MODEL_DIR
+
+RATE = 22_050  # espeak-ng's native rate: the server resamples to the model's rate
+FRAME_SECONDS = 0.02
+FRAME = round(RATE * FRAME_SECONDS)  # 441 samples per frame
+PAUSE_SECONDS = 1.0
+LEAD_SECONDS = 0.3
+LOUD = 1e-3  # a phrase's true bounds: its first and last sample louder than this
+PHRASES = (  # the bundled model's domain (`model_store.domain`)
+    "turn on the lights",
+    "three four five",
+    "set a timer for five minutes",
+    "open the garage",
+    "seven eight nine",
+    "call mom",
+    "play the radio",
+    "two zero one six",
+)
+TARGET_SESSIONS = 16
+TARGET_PARTIAL_P95 = 1.0
+TARGET_FINAL_P95 = 0.5
+PACE_TOLERANCE = 0.1  # a sender further behind its schedule than this did not keep real time
+
+Event = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SessionAudio:
+    """One session's audio (float32 at RATE), its phrases' true bounds (samples) and texts."""
+
+    audio: npt.NDArray[np.float32]
+    bounds: list[tuple[int, int]]
+    texts: list[str]
+
+    @property
+    def seconds(self) -> float:
+        return len(self.audio) / RATE
+
+    def pcm16(self) -> bytes:
+        return (np.clip(self.audio, -1, 1) * 32767).astype("<i2").tobytes()
+
+
+@dataclass
+class SessionRun:
+    """What one client saw: when each frame went out, and every event with its arrival time."""
+
+    sent: list[float] = field(default_factory=list)
+    events: list[tuple[float, Event]] = field(default_factory=list)
+    end_sent: float = 0.0
+    max_lag: float = 0.0
+    close_code: int | None = None
+
+
+@dataclass
+class Row:
+    """One N's measurements (client side, then the server's own figures)."""
+
+    sessions: int
+    partial_p50: float
+    partial_p95: float
+    final_p50: float
+    final_p95: float
+    partials_per_audio_s: float
+    finals: int
+    phrases: int
+    sessions_ok: int
+    exact_finals: int
+    errors: int
+    uncovered_frames: int
+    max_send_lag: float
+    client_cpu: float
+    server_cpu: float
+    server_partial_mean: float
+    server_final_mean: float
+    server_mean_batch: float
+    mismatches: list[str] = field(default_factory=list)
+
+
+def speak(text: str, rate: int = 160, voice: str = "en-us") -> npt.NDArray[np.float32]:
+    """espeak-ng speech as float32 at its native 22.05 kHz."""
+    if shutil.which("espeak-ng") is None:
+        raise SystemExit("espeak-ng is required: apt-get install -y espeak-ng")
+    wav = subprocess.run(
+        ["espeak-ng", "-v", voice, "-s", str(rate), "--stdout", text],
+        check=True,
+        capture_output=True,
+    ).stdout
+    # espeak-ng's streamed header has no length; the PCM follows the 44-byte header.
+    return np.frombuffer(wav[44:], dtype="<i2").astype(np.float32) / np.float32(32768.0)
+
+
+def build_sessions(count: int, seconds: float) -> list[SessionAudio]:
+    """Each session: the phrases, rotated by the session's index, each then a pause, repeated
+    until `seconds` of audio. Speech is synthesised once."""
+    voices = {text: speak(text) for text in PHRASES}
+    silence = np.zeros(round(PAUSE_SECONDS * RATE), np.float32)
+    sessions = []
+    for index in range(count):
+        parts = [np.zeros(round(LEAD_SECONDS * RATE), np.float32)]
+        at = len(parts[0])
+        bounds: list[tuple[int, int]] = []
+        texts: list[str] = []
+        turn = index
+        while at < seconds * RATE:
+            text = PHRASES[turn % len(PHRASES)]
+            turn += 1
+            voice = voices[text]
+            loud = np.flatnonzero(np.abs(voice) > LOUD)
+            bounds.append((at + int(loud[0]), at + int(loud[-1])))
+            texts.append(text)
+            parts += [voice, silence]
+            at += len(voice) + len(silence)
+        sessions.append(SessionAudio(np.concatenate(parts), bounds, texts))
+    return sessions
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (from /proc; NaN where there is none)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@contextmanager
+def running_service(model_dir: Path, max_streams: int) -> Iterator[tuple[str, int]]:
+    """`python -m service` on a free port, ready; yields its URL and pid."""
+    port = _free_port()
+    env = {
+        **os.environ,
+        "STT_MODEL_DIR": str(model_dir),
+        "STT_HOST": "127.0.0.1",
+        "STT_PORT": str(port),
+        "STT_MAX_STREAMS": str(max_streams),
+        "STT_LOG_LEVEL": "warning",
+    }
+    proc = subprocess.Popen([sys.executable, "-m", "service"], env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        while True:  # a benchmark may poll: nothing here is asserted on timing
+            if proc.poll() is not None:
+                raise SystemExit(f"service exited with {proc.returncode}")
+            try:
+                if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        yield url, proc.pid
+    finally:
+        proc.terminate()
+        proc.wait(120)
+
+
+def server_means(url: str) -> dict[str, tuple[float, float]]:
+    """(sum, count) of the streaming latency histograms and the batch size, from /metrics."""
+    wanted = {
+        "stt_stream_partial_latency_seconds",
+        "stt_stream_final_latency_seconds",
+        "stt_batch_size",
+    }
+    found = dict.fromkeys(wanted, (0.0, 0.0))
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=10).text):
+        if family.name not in wanted:
+            continue
+        total = count = 0.0
+        for sample in family.samples:
+            if sample.name.endswith("_sum"):
+                total += sample.value
+            elif sample.name.endswith("_count"):
+                count += sample.value
+        found[family.name] = (total, count)
+    return found
+
+
+async def stream_session(
+    url: str,
+    audio: SessionAudio,
+    connected: asyncio.Event,
+    clock: "asyncio.Future[float]",
+    offset: float,
+    pace: bool,
+) -> SessionRun:
+    """Connect (then set `connected`), wait for the common start (`clock`) plus `offset`, send
+    frame k at start + k * 20 ms (each on its own schedule, so lateness never accumulates), then
+    `end`; read events until the server closes."""
+    run = SessionRun()
+    data = audio.pcm16()
+    step = 2 * FRAME
+    async with connect(url, max_size=None) as ws:
+
+        async def read() -> None:
+            async for message in ws:
+                run.events.append((time.monotonic(), json.loads(message)))
+
+        reader = asyncio.create_task(read())
+        connected.set()
+        t0 = await clock + offset
+        for k, at in enumerate(range(0, len(data), step)):
+            due = t0 + k * FRAME_SECONDS
+            if pace:
+                await asyncio.sleep(max(0.0, due - time.monotonic()))
+            await ws.send(data[at : at + step])
+            sent = time.monotonic()
+            run.sent.append(sent)
+            if pace:
+                run.max_lag = max(run.max_lag, sent - due)
+        await ws.send(json.dumps({"type": "end"}))
+        run.end_sent = time.monotonic()
+        await reader
+        run.close_code = ws.close_code
+    return run
+
+
+async def drive(
+    url: str, sessions: list[SessionAudio], seed: int, pace: bool = True
+) -> list[SessionRun]:
+    """All sessions at once: every client connects, then each starts at a random offset within
+    the first second."""
+    rng = random.Random(seed)
+    clock: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+    connected = [asyncio.Event() for _ in sessions]
+    tasks = [
+        asyncio.create_task(
+            stream_session(url, audio, ready, clock, rng.uniform(0, 1) if pace else 0.0, pace)
+        )
+        for audio, ready in zip(sessions, connected, strict=True)
+    ]
+    everyone = asyncio.ensure_future(asyncio.gather(*(c.wait() for c in connected)))
+    waiting: list[asyncio.Future[Any]] = [everyone, *tasks]
+    await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+    if not everyone.done():  # a client could not connect: stop the others, raise its error
+        everyone.cancel()
+        for task in tasks:
+            task.cancel()
+        outcomes = await asyncio.gather(everyone, *tasks, return_exceptions=True)
+        raise next(o for o in outcomes if isinstance(o, Exception))
+    clock.set_result(time.monotonic())  # connecting is not timed: the clock starts now
+    return list(await asyncio.gather(*tasks))
+
+
+@dataclass
+class SessionStats:
+    """One session's measurements, from its events and send times."""
+
+    partial: list[float]
+    final: list[float]
+    partials: int
+    finals: int
+    exact: int
+    errors: int
+    uncovered: int
+    mismatch: str | None
+
+
+def _phrase_of(bounds: list[tuple[int, int]], start: float, end: float) -> int:
+    """The phrase a final belongs to: the one overlapping it most (else the nearest)."""
+
+    def score(span: tuple[int, int]) -> float:
+        s, e = span[0] / RATE, span[1] / RATE
+        overlap = min(e, end) - max(s, start)
+        return overlap if overlap > 0 else -min(abs(s - end), abs(start - e))
+
+    return max(range(len(bounds)), key=lambda i: score(bounds[i]))
+
+
+def analyse(audio: SessionAudio, run: SessionRun) -> SessionStats:
+    """Partial latency of every in-phrase frame, final latency of every final, and checks."""
+    created = next((e for _, e in run.events if e["type"] == "session.created"), None)
+    silence = (created or {}).get("config", {}).get("silence_duration_ms", 600) / 1000
+    partials = [
+        (t, float(e["audio_end"])) for t, e in run.events if e["type"] == "transcript.partial"
+    ]
+    finals = [(t, e) for t, e in run.events if e["type"] == "transcript.final"]
+    errors = sum(e["type"] == "error" for _, e in run.events)
+
+    partial_latency: list[float] = []
+    uncovered = 0
+    events = [(t, "p", end) for t, end in partials]
+    events += [(t, "f", float(e["end"]) + silence) for t, e in finals]
+    events.sort(key=lambda x: x[0])
+    for first, last in audio.bounds:
+        for k in range(first // FRAME, last // FRAME + 1):
+            frame_start, frame_end = k * FRAME / RATE, (k + 1) * FRAME / RATE
+            # a partial covers the frame once its audio reaches the frame's end; a final covers
+            # every frame of its utterance, which runs until the endpoint (end + silence)
+            covering = next(
+                (
+                    t
+                    for t, kind, x in events
+                    if (kind == "p" and x + 1e-9 >= frame_end) or (kind == "f" and frame_start < x)
+                ),
+                None,
+            )
+            if covering is None or k >= len(run.sent):
+                uncovered += 1
+            else:
+                partial_latency.append(covering - run.sent[k])
+
+    final_latency: list[float] = []
+    matched = [0] * len(audio.bounds)
+    exact = 0
+    for t, event in finals:
+        if event["reason"] == "end_of_stream":
+            reference = run.end_sent
+        else:  # found once the stream reaches end + silence (or, cut at max length, end)
+            detect = float(event["end"]) + (silence if event["reason"] == "silence" else 0.0)
+            k = math.ceil(detect / FRAME_SECONDS - 1e-6) - 1  # the frame that completes it
+            reference = run.sent[k] if 0 <= k < len(run.sent) else run.end_sent
+        final_latency.append(t - reference)
+        phrase = _phrase_of(audio.bounds, float(event["start"]), float(event["end"]))
+        matched[phrase] += 1
+        exact += event["text"] == audio.texts[phrase]
+    mismatch = None
+    if any(m != 1 for m in matched) or run.close_code != 1000:
+        mismatch = (
+            f"{len(finals)} finals for {len(audio.bounds)} phrases (per phrase {matched}), "
+            f"close code {run.close_code}"
+        )
+    return SessionStats(
+        partial_latency,
+        final_latency,
+        len(partials),
+        len(finals),
+        exact,
+        errors,
+        uncovered,
+        mismatch,
+    )
+
+
+def measure(
+    model_dir: Path, sessions: list[SessionAudio], count: int, max_streams: int, seed: int
+) -> Row:
+    """A fresh service; a warm-up stream; then `count` real-time sessions, measured."""
+    chosen = sessions[:count]
+    with running_service(model_dir, max_streams) as (url, pid):
+        ws_url = url.replace("http://", "ws://") + f"/v1/audio/stream?sample_rate={RATE}"
+        asyncio.run(drive(ws_url, sessions[:1], seed, pace=False))  # warm-up, as fast as it goes
+        before = server_means(url)
+        server_cpu, client_cpu, wall = _cpu_seconds(pid), time.process_time(), time.monotonic()
+        runs = asyncio.run(drive(ws_url, chosen, seed))
+        wall = time.monotonic() - wall
+        client_cpu = (time.process_time() - client_cpu) / wall
+        server_cpu = (_cpu_seconds(pid) - server_cpu) / wall
+        after = server_means(url)
+
+    def server_mean(name: str) -> float:
+        total = after[name][0] - before[name][0]
+        n = after[name][1] - before[name][1]
+        return total / n if n else float("nan")
+
+    stats = [analyse(audio, run) for audio, run in zip(chosen, runs, strict=True)]
+    partial = [x for s in stats for x in s.partial]
+    final = [x for s in stats for x in s.final]
+    return Row(
+        sessions=count,
+        partial_p50=percentile(partial, 50),
+        partial_p95=percentile(partial, 95),
+        final_p50=percentile(final, 50),
+        final_p95=percentile(final, 95),
+        partials_per_audio_s=float(
+            np.mean([s.partials / a.seconds for s, a in zip(stats, chosen, strict=True)])
+        ),
+        finals=sum(s.finals for s in stats),
+        phrases=sum(len(a.bounds) for a in chosen),
+        sessions_ok=sum(s.mismatch is None for s in stats),
+        exact_finals=sum(s.exact for s in stats),
+        errors=sum(s.errors for s in stats),
+        uncovered_frames=sum(s.uncovered for s in stats),
+        max_send_lag=max(r.max_lag for r in runs),
+        client_cpu=client_cpu,
+        server_cpu=server_cpu,
+        server_partial_mean=server_mean("stt_stream_partial_latency_seconds"),
+        server_final_mean=server_mean("stt_stream_final_latency_seconds"),
+        server_mean_batch=server_mean("stt_batch_size"),
+        mismatches=[f"session {i}: {s.mismatch}" for i, s in enumerate(stats) if s.mismatch],
+    )
+
+
+def verdict(row: Row) -> str:
+    """Whether the largest run meets the streaming target, and why not."""
+    target = (
+        f"target: {TARGET_SESSIONS} concurrent real-time sessions with p95 partial latency "
+        f"<= {TARGET_PARTIAL_P95:g} s and p95 final latency <= {TARGET_FINAL_P95:g} s"
+    )
+    misses = []
+    if row.sessions < TARGET_SESSIONS:
+        misses.append(f"only {row.sessions} sessions were run")
+    if not row.partial_p95 <= TARGET_PARTIAL_P95:
+        misses.append(f"p95 partial latency is {row.partial_p95:.3f} s")
+    if not row.final_p95 <= TARGET_FINAL_P95:
+        misses.append(f"p95 final latency is {row.final_p95:.3f} s")
+    if row.sessions_ok < row.sessions:
+        misses.append(f"{row.sessions - row.sessions_ok} sessions lacked one final per phrase")
+    if row.max_send_lag > PACE_TOLERANCE:
+        misses.append(
+            f"the client fell {row.max_send_lag:.3f} s behind real time (it could not keep "
+            "pace: the run is not a fair real-time test)"
+        )
+    if misses:
+        return f"{target}: NOT met at {row.sessions} sessions ({'; '.join(misses)})"
+    return f"{target}: met at {row.sessions} sessions"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m service.benchmark_stream",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR)
+    parser.add_argument("--sessions", type=int, nargs="+", default=[1, 4, 8, 16])
+    parser.add_argument(
+        "--seconds-per-session", type=float, default=10.0, help="phrases are added until this"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    args = parser.parse_args(argv)
+    if min(args.sessions) < 1 or args.seconds_per_session <= 0:
+        parser.error("--sessions must be positive and --seconds-per-session above zero")
+
+    sessions = build_sessions(max(args.sessions), args.seconds_per_session)
+    rows = [
+        measure(args.model, sessions, n, max(args.sessions) + 8, args.seed) for n in args.sessions
+    ]
+    lengths = [a.seconds for a in sessions]
+    counts = [len(a.bounds) for a in sessions]
+    print(
+        f"\nmodel: {args.model.name}; {min(lengths):.1f}-{max(lengths):.1f} s of audio per session "
+        f"({min(counts)}-{max(counts)} phrases, each then {PAUSE_SECONDS:g} s of silence), "
+        f"20 ms pcm_s16le frames at {RATE} Hz, real time; "
+        f"{os.cpu_count()} cores shared by client and server\n"
+    )
+    print(
+        "| sessions | partial p50 s | partial p95 s | final p50 s | final p95 s "
+        "| partials/s per session | finals ok | max send lag s |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r.sessions} | {r.partial_p50:.3f} | {r.partial_p95:.3f} | {r.final_p50:.3f} "
+            f"| {r.final_p95:.3f} | {r.partials_per_audio_s:.2f} "
+            f"| {r.sessions_ok}/{r.sessions} | {r.max_send_lag:.3f} |"
+        )
+    print()
+    for r in rows:
+        print(
+            f"{r.sessions} sessions: server-side means partial {r.server_partial_mean:.3f} s, "
+            f"final {r.server_final_mean:.3f} s, batch size {r.server_mean_batch:.2f}; "
+            f"finals {r.finals}/{r.phrases} ({r.exact_finals} word-exact), errors {r.errors}, "
+            f"frames never covered {r.uncovered_frames}; CPU: server {r.server_cpu:.2f} cores, "
+            f"client {r.client_cpu:.2f} cores"
+        )
+        for line in r.mismatches:
+            print(f"  {line}")
+    print("\n" + verdict(rows[-1]))
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1))
+
+
+if __name__ == "__main__":
+    main()
