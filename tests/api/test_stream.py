@@ -258,3 +258,28 @@ def test_readme_client_example_works(bundled_server: LiveServer) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().endswith(": turn on the lights"), out.stdout + out.stderr
+
+
+def test_session_past_its_maximum_length_is_flushed_and_closed(
+    checkpoints: dict[str, Path],
+) -> None:
+    settings = settings_for(checkpoints["wav2vec2-bert"], max_stream_seconds=1.0)
+    voice = pcm16(speak("three four five"))
+    with LiveServer(create_app(settings)) as server:
+
+        async def scenario() -> list[dict]:
+            async with connect(ws_url(server)) as ws:
+                await expect(ws, "session.created")
+                await ws.send(voice)  # an utterance still open when the time is up
+                events = []
+                with pytest.raises(ConnectionClosed):
+                    while True:
+                        events.append(json.loads(await asyncio.wait_for(ws.recv(), 10)))
+                assert ws.close_code == 1008
+                return events
+
+        events = asyncio.run(scenario())
+    kinds = [e["type"] for e in events if e["type"] != "transcript.partial"]
+    assert kinds == ["transcript.final", "error"]  # the open utterance's final comes first
+    assert events[-1]["error"]["code"] == "policy"
+    assert "maximum length" in events[-1]["error"]["message"]
