@@ -61,7 +61,15 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(
         25 * 1024 * 1024, gt=0, description="Upload size limit (413 while reading)."
     )
-    max_audio_seconds: float = Field(60.0, gt=0, description="Audio duration limit (413).")
+    max_audio_seconds: float = Field(
+        3600.0, gt=0, le=86_400, description="Audio duration limit per request (413)."
+    )
+    max_window_seconds: float = Field(
+        20.0,
+        ge=1,
+        le=120,
+        description="Longer audio is cut at pauses into windows of at most this many seconds.",
+    )
     max_channels: int = Field(2, ge=1, le=64, description="Most channels an upload may have.")
     max_new_tokens: int = Field(
         256, ge=1, le=4096, description="Cap on tokens generated per request."

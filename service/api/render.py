@@ -1,5 +1,6 @@
 """Render a transcript in each OpenAI response format: json, text, verbose_json, srt, vtt."""
 
+from dataclasses import dataclass
 from typing import Literal
 
 from service.api.schemas import Segment, TranscriptionJSON, TranscriptionVerbose, Usage
@@ -8,37 +9,53 @@ from service.engine.types import Task, Transcript
 ResponseFormat = Literal["json", "text", "verbose_json", "srt", "vtt"]
 
 
-def segments(result: Transcript, duration: float, temperature: float) -> list[Segment]:
-    """One segment per window (a single window until long-audio splitting lands)."""
-    if not result.text:
-        return []
+@dataclass(frozen=True)
+class Piece:
+    """The transcript of one window of the audio and where its speech lies (seconds)."""
+
+    start: float
+    end: float
+    transcript: Transcript
+
+
+def joined_text(pieces: list[Piece]) -> str:
+    return " ".join(p.transcript.text for p in pieces if p.transcript.text)
+
+
+def segments(pieces: list[Piece], temperature: float) -> list[Segment]:
+    """One segment per window that produced text."""
     return [
-        Segment(
-            id=0,
-            seek=0,
-            start=0.0,
-            end=round(duration, 3),
-            text=result.text,
-            tokens=result.tokens,
-            temperature=temperature,
-            avg_logprob=round(result.avg_logprob, 4),
-        )
+        segment(index, piece, temperature)
+        for index, piece in enumerate(p for p in pieces if p.transcript.text)
     ]
 
 
-def as_json(result: Transcript, duration: float) -> TranscriptionJSON:
-    return TranscriptionJSON(text=result.text, usage=Usage(seconds=round(duration, 3)))
+def segment(index: int, piece: Piece, temperature: float) -> Segment:
+    return Segment(
+        id=index,
+        seek=round(piece.start * 100),  # Whisper's seek: the window's offset in 10 ms frames
+        start=round(piece.start, 3),
+        end=round(piece.end, 3),
+        text=piece.transcript.text,
+        tokens=piece.transcript.tokens,
+        temperature=temperature,
+        avg_logprob=round(piece.transcript.avg_logprob, 4),
+    )
+
+
+def as_json(pieces: list[Piece], duration: float) -> TranscriptionJSON:
+    return TranscriptionJSON(text=joined_text(pieces), usage=Usage(seconds=round(duration, 3)))
 
 
 def as_verbose(
-    result: Transcript, duration: float, task: Task, language: str, temperature: float
+    pieces: list[Piece], duration: float, task: Task, language: str, temperature: float
 ) -> TranscriptionVerbose:
     return TranscriptionVerbose(
         task=task,
         language=language,
         duration=round(duration, 3),
-        text=result.text,
-        segments=segments(result, duration, temperature),
+        text=joined_text(pieces),
+        segments=segments(pieces, temperature),
         usage=Usage(seconds=round(duration, 3)),
     )
 

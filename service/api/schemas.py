@@ -64,6 +64,53 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
+def _event(kind: str, **fields: dict[str, object]) -> dict[str, object]:
+    """JSON schema of one stream event's payload: `{"type": kind, **fields}`."""
+    return {
+        "type": "object",
+        "properties": {"type": {"const": kind}, **fields},
+        "required": ["type", *fields],
+    }
+
+
+_STRING: dict[str, object] = {"type": "string"}
+_NUMBER: dict[str, object] = {"type": "number"}
+
+TRANSCRIPT_EVENT: dict[str, object] = {
+    "type": "object",
+    "description": "One Server-Sent Event of a `stream=true` transcription. Its `data` is JSON: "
+    "`transcript.text.delta` events as tokens are generated (long audio: a "
+    "`transcript.text.segment` and a delta per window), then one `transcript.text.done`; or an "
+    "`error` in the error shape if the request fails after the stream has begun.",
+    "properties": {
+        "event": _STRING,
+        "id": _STRING,
+        "retry": {"type": "integer"},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "contentSchema": {
+                "oneOf": [
+                    _event("transcript.text.delta", delta=_STRING),
+                    _event(
+                        "transcript.text.segment",
+                        id=_STRING,
+                        start=_NUMBER,
+                        end=_NUMBER,
+                        text=_STRING,
+                    ),
+                    _event("transcript.text.done", text=_STRING),
+                    _event("error", error=ErrorDetail.model_json_schema()),
+                ]
+            },
+        },
+    },
+    "required": ["data"],
+}
+"""Schema of each event of a transcription stream (`text/event-stream`, with `stream=true`).
+Before OpenAPI 3.2 (`itemSchema`), the schema of an event-stream media type describes one event,
+not the whole body as a string; clients and schemathesis validate each event against it."""
+
 ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
     status: {"model": ErrorBody, "description": what}
     for status, what in (

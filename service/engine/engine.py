@@ -4,7 +4,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import numpy as np
 import torch
@@ -13,7 +13,7 @@ from service.engine.adapter import ModelAdapter, ModelInfo
 from service.engine.pool import WorkerPool
 from service.engine.scheduler import Scheduler
 from service.engine.types import GenerationParams, Job, Transcript
-from service.errors import DeadlineExceeded, Unavailable
+from service.errors import DeadlineExceeded, Overloaded, Unavailable
 from service.metrics import EngineState, Metrics, WorkerState
 from service.settings import Settings
 
@@ -102,25 +102,24 @@ class Engine:
         params: GenerationParams,
         *,
         timeout: float | None = None,
+        deadline: float | None = None,
         priority: int = 0,
         tokens: "asyncio.Queue[int] | None" = None,
     ) -> Job:
         """Queue the audio (raises `Overloaded`/`Unavailable` at once); await it with `result`.
 
-        With `tokens`, each generated token id is put on that queue as it is generated (for
-        streamed responses; greedy and sampling only).
+        The deadline is `deadline` (monotonic time) if given, else now + `timeout` (default
+        and cap from the settings). With `tokens`, each generated token id is put on that queue
+        as it is generated (for streamed responses; greedy and sampling only).
         """
         if not self.ready:
             raise Unavailable("no model worker is ready")
         self.adapter.validate(params)
         loop = asyncio.get_running_loop()
-        budget = min(
-            timeout or self.settings.request_timeout_s, self.settings.max_request_timeout_s
-        )
         job = Job(
             audio=audio,
             params=params,
-            deadline=time.monotonic() + budget,
+            deadline=deadline or self.deadline(timeout),
             future=loop.create_future(),
             loop=loop,
             priority=priority,
@@ -135,6 +134,13 @@ class Engine:
         self.scheduler.submit(job)
         return job
 
+    def deadline(self, timeout: float | None = None) -> float:
+        """The monotonic deadline of a request with this `timeout` (capped by the settings)."""
+        budget = min(
+            timeout or self.settings.request_timeout_s, self.settings.max_request_timeout_s
+        )
+        return time.monotonic() + budget
+
     async def result(
         self, job: Job, *, client_gone: Callable[[], Awaitable[object]] | None = None
     ) -> Transcript:
@@ -144,8 +150,25 @@ class Engine:
         awaiting task is cancelled (the client's connection handler ended), the job is
         cancelled too: queued, it leaves the queue; generating, its row stops.
         """
-        waiters: set[asyncio.Future[object]] = {job.future}  # type: ignore[arg-type]
         gone = asyncio.ensure_future(client_gone()) if client_gone is not None else None
+        try:
+            result = await self._await(job, gone)
+        except (ClientGone, asyncio.CancelledError):
+            self.metrics.cancellations.labels(reason="client_gone").inc()
+            raise
+        except DeadlineExceeded:
+            self.metrics.cancellations.labels(reason="deadline").inc()
+            raise
+        finally:
+            if gone is not None:
+                gone.cancel()
+        self._observe_rtf(result.queue_seconds + result.compute_seconds, result.audio_seconds)
+        return result
+
+    async def _await(self, job: Job, gone: "asyncio.Future[object] | None") -> Transcript:
+        """The job's transcript; on the client leaving, the deadline or cancellation, the job
+        is taken out of the queue (or its row stopped) before the error propagates."""
+        waiters: set[asyncio.Future[object]] = {job.future}  # type: ignore[arg-type]
         if gone is not None:
             waiters.add(gone)
         try:
@@ -156,24 +179,14 @@ class Engine:
             )
         except asyncio.CancelledError:
             self.scheduler.cancel(job)
-            self.metrics.cancellations.labels(reason="client_gone").inc()
             raise
-        finally:
-            if gone is not None:
-                gone.cancel()
         if job.future in done:
-            try:
-                result = job.future.result()
-            except DeadlineExceeded:
-                self.metrics.cancellations.labels(reason="deadline").inc()
-                raise
-            self._observe(result)
+            result = job.future.result()
+            self.metrics.queue_wait.observe(result.queue_seconds)
             return result
         self.scheduler.cancel(job)
         if gone is not None and gone in done:
-            self.metrics.cancellations.labels(reason="client_gone").inc()
             raise ClientGone
-        self.metrics.cancellations.labels(reason="deadline").inc()
         raise DeadlineExceeded("no result within the request's deadline")
 
     async def transcribe(
@@ -189,8 +202,66 @@ class Engine:
         job = self.submit(audio, params, timeout=timeout, priority=priority)
         return await self.result(job, client_gone=client_gone)
 
-    def _observe(self, result: Transcript) -> None:
-        self.metrics.queue_wait.observe(result.queue_seconds)
-        if result.audio_seconds > 0:
-            engine_seconds = result.queue_seconds + result.compute_seconds
-            self.metrics.real_time_factor.observe(engine_seconds / result.audio_seconds)
+    async def transcribe_pieces(
+        self,
+        pieces: Sequence[np.ndarray],
+        params: GenerationParams,
+        *,
+        timeout: float | None = None,
+        client_gone: Callable[[], Awaitable[object]] | None = None,
+    ) -> AsyncIterator[Transcript]:
+        """Transcribe the windows of one long request; yields their transcripts in order.
+
+        The windows share the request's deadline and fate, and go through the scheduler
+        together so they batch with each other (and with other requests). At most
+        `max_batch_size` of them are queued or running at a time: a long file neither floods
+        the queue ahead of other clients nor has all its windows' features in memory at once.
+        If the first window finds the queue full the request is rejected (429); later ones wait
+        for room until the deadline. Leaving early (the consumer stops, the client goes, the
+        deadline passes) cancels every window still queued or running.
+        """
+        deadline = self.deadline(timeout)
+        started = time.monotonic()
+        gone = asyncio.ensure_future(client_gone()) if client_gone is not None else None
+        window = max(1, self.settings.max_batch_size)
+        jobs: dict[int, Job] = {}
+        submitted = 0
+        audio_seconds = 0.0
+        try:
+            for index in range(len(pieces)):
+                while submitted < len(pieces) and submitted - index < window:
+                    jobs[submitted] = await self._submit_waiting(
+                        pieces[submitted], params, deadline, first=submitted == 0
+                    )
+                    submitted += 1
+                result = await self._await(jobs.pop(index), gone)
+                audio_seconds += result.audio_seconds
+                yield result
+        except (ClientGone, asyncio.CancelledError, GeneratorExit):
+            self.metrics.cancellations.labels(reason="client_gone").inc()
+            raise
+        except DeadlineExceeded:
+            self.metrics.cancellations.labels(reason="deadline").inc()
+            raise
+        finally:
+            for job in jobs.values():
+                self.scheduler.cancel(job)
+            if gone is not None:
+                gone.cancel()
+        self._observe_rtf(time.monotonic() - started, audio_seconds)
+
+    async def _submit_waiting(
+        self, audio: np.ndarray, params: GenerationParams, deadline: float, *, first: bool
+    ) -> Job:
+        while True:
+            try:
+                return self.submit(audio, params, deadline=deadline)
+            except Overloaded as exc:
+                pause = min(1.0, max(0.05, exc.retry_after / 10))
+                if first or time.monotonic() + pause >= deadline:
+                    raise
+                await asyncio.sleep(pause)
+
+    def _observe_rtf(self, engine_seconds: float, audio_seconds: float) -> None:
+        if audio_seconds > 0:
+            self.metrics.real_time_factor.observe(engine_seconds / audio_seconds)

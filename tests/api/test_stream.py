@@ -263,7 +263,7 @@ def test_readme_client_example_works(bundled_server: LiveServer) -> None:
 def test_session_past_its_maximum_length_is_flushed_and_closed(
     checkpoints: dict[str, Path],
 ) -> None:
-    settings = settings_for(checkpoints["wav2vec2-bert"], max_stream_seconds=1.0)
+    settings = settings_for(checkpoints["wav2vec2-bert"], max_stream_seconds=3.0)
     voice = pcm16(speak("three four five"))
     with LiveServer(create_app(settings)) as server:
 

@@ -184,3 +184,35 @@ def test_busy_cpu_workers_split_the_cores() -> None:
             assert torch.get_num_threads() == 4  # it finished: the first gets them back
     finally:
         torch.set_num_threads(before)
+
+
+def test_windows_of_one_request_batch_together_and_leave_together(engine_for) -> None:
+    engine = engine_for(max_wait_ms=100, max_batch_size=4)
+    worker = engine.pool.workers[0]
+    original = worker.adapter.transcribe
+    batches: list[int] = []
+
+    def counting(audios, params, wanted=None, **kwargs):
+        batches.append(len(audios))
+        return original(audios, params, wanted, **kwargs)
+
+    worker.adapter.transcribe = counting  # type: ignore[method-assign]
+    pieces = clips([1.0] * 20)
+
+    async def run():
+        alone = [await engine.transcribe(p, PARAMS) for p in pieces[:8]]
+        del batches[:]
+        whole = [r async for r in engine.transcribe_pieces(pieces[:8], PARAMS)]
+        assert batches == [4, 4]  # eight windows: two full batches, not eight requests
+        del batches[:]
+        results = engine.transcribe_pieces(pieces, PARAMS)
+        first = [await anext(results), await anext(results)]
+        await results.aclose()  # the client leaves after two windows
+        return alone, whole, first
+
+    alone, whole, first = asyncio.run(run())
+    assert [r.tokens for r in whole] == [r.tokens for r in alone]
+    assert [r.tokens for r in first] == [r.tokens for r in alone[:2]]
+    # at most: the batch that held the two windows read, and the next one, already running
+    assert sum(batches) <= 8
+    assert engine.scheduler.depth == 0  # nothing of the departed request is left queued

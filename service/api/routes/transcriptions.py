@@ -12,8 +12,14 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from service.api import render
 from service.api.deps import EngineDep, SettingsDep
 from service.api.observe import RequestFacts, facts
-from service.api.schemas import ERROR_RESPONSES, TranscriptionJSON, TranscriptionVerbose
+from service.api.schemas import (
+    ERROR_RESPONSES,
+    TRANSCRIPT_EVENT,
+    TranscriptionJSON,
+    TranscriptionVerbose,
+)
 from service.audio import decode_audio
+from service.audio.windows import plan_windows
 from service.engine.engine import ClientGone, Engine
 from service.engine.types import GenerationParams, Job, Task, Transcript
 from service.errors import InvalidRequest, ModelNotFound, ServiceError
@@ -35,13 +41,7 @@ _RESPONSES: dict[int | str, dict[str, object]] = {
                 }
             },
             "text/plain": {"schema": {"type": "string"}},
-            "text/event-stream": {
-                "schema": {
-                    "type": "string",
-                    "description": "With `stream=true`: `transcript.text.delta` events as "
-                    "tokens are generated, then one `transcript.text.done`",
-                }
-            },
+            "text/event-stream": {"schema": TRANSCRIPT_EVENT},
         },
     }
 }
@@ -154,40 +154,119 @@ async def _handle(
     engine.metrics.observe_stage("decode", time.perf_counter() - started)
     duration = len(audio) / engine.info.sampling_rate
     record.audio_seconds = duration
-    if stream:
-        tokens: asyncio.Queue[int] = asyncio.Queue()
-        job = engine.submit(audio, params, timeout=timeout, tokens=tokens)  # 429/503 as JSON
-        return StreamingResponse(
-            _events(engine, job, tokens, record),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
-    try:
-        job = engine.submit(audio, params, timeout=timeout)
-        result = await engine.result(job, client_gone=lambda: _disconnected(request))
-    except ClientGone:
-        return Response(status_code=499)  # nobody reads it; ends the request cleanly
-    record.queue_seconds = result.queue_seconds
-    record.compute_seconds = result.compute_seconds
-    record.batch_size = result.batch_size
-    record.text = result.text
+    rate = engine.info.sampling_rate
     language = params.language or settings.language
     temperature = params.temperature if params.do_sample else 0.0
-    response = _render(result, duration, task, language, temperature, response_format)
+    max_window = settings.max_window_seconds
+    if engine.info.architecture == "whisper":  # Whisper sees at most 30 s
+        max_window = min(max_window, 30.0)
+    if duration > max_window:
+        windows = plan_windows(audio, rate, max_window=max_window)
+        results = engine.transcribe_pieces(
+            [audio[w.start : w.end] for w in windows],
+            params,
+            timeout=timeout,
+            client_gone=None if stream else lambda: _disconnected(request),
+        )
+        spans = [(w.speech_start / rate, w.speech_end / rate) for w in windows]
+        if stream:
+            return _event_stream(_segment_events(results, spans, temperature, record))
+        pieces: list[render.Piece] = []
+        try:
+            async for result in results:
+                pieces.append(render.Piece(*spans[len(pieces)], result))
+        except ClientGone:
+            return Response(status_code=499)
+    elif stream:
+        tokens: asyncio.Queue[int] = asyncio.Queue()
+        job = engine.submit(audio, params, timeout=timeout, tokens=tokens)  # 429/503 as JSON
+        return _event_stream(_token_events(engine, job, tokens, record))
+    else:
+        try:
+            job = engine.submit(audio, params, timeout=timeout)
+            result = await engine.result(job, client_gone=lambda: _disconnected(request))
+        except ClientGone:
+            return Response(status_code=499)  # nobody reads it; ends the request cleanly
+        pieces = [render.Piece(0.0, duration, result)]
+    _record(record, [p.transcript for p in pieces])
+    response = _render(pieces, duration, task, language, temperature, response_format)
     # Where the time went, for clients and benchmarks (https://www.w3.org/TR/server-timing/).
     response.headers["Server-Timing"] = (
-        f"queue;dur={result.queue_seconds * 1000:.1f}, "
-        f"compute;dur={result.compute_seconds * 1000:.1f}"
+        f"queue;dur={(record.queue_seconds or 0) * 1000:.1f}, "
+        f"compute;dur={(record.compute_seconds or 0) * 1000:.1f}"
     )
-    response.headers["X-Batch-Size"] = str(result.batch_size)
+    response.headers["X-Batch-Size"] = str(record.batch_size or 0)
     return response
+
+
+def _record(record: RequestFacts, results: list[Transcript]) -> None:
+    """The request log's figures: first window's queue wait, summed compute, largest batch."""
+    if not results:
+        return
+    record.queue_seconds = results[0].queue_seconds
+    record.compute_seconds = sum(r.compute_seconds for r in results)
+    record.batch_size = max(r.batch_size for r in results)
+    record.text = " ".join(r.text for r in results if r.text)
+
+
+def _event_stream(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(
+        events,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 def _sse(event: dict[str, object]) -> str:
     return f"data: {json.dumps(event)}\n\n"
 
 
-async def _events(
+def _error_event(exc: ServiceError, record: RequestFacts) -> str:
+    record.error_code = exc.code
+    error = {"message": exc.message, "type": exc.type, "param": None, "code": exc.code}
+    return _sse({"type": "error", "error": {**error, "request_id": record.request_id}})
+
+
+async def _segment_events(
+    results: AsyncIterator[Transcript],
+    spans: list[tuple[float, float]],
+    temperature: float,
+    record: RequestFacts,
+) -> AsyncIterator[str]:
+    """Long audio: each window's segment as soon as it (and those before it) are done.
+
+    Per window: a `transcript.text.segment` event (id, start, end, text) and a
+    `transcript.text.delta` with its text, so a client that only joins deltas gets the whole
+    text; then `transcript.text.done`. Leaving early cancels the windows not yet done.
+    """
+    done: list[Transcript] = []
+    try:
+        async for result in results:
+            index = len(done)
+            done.append(result)
+            if not result.text:
+                continue
+            piece = render.Piece(*spans[index], result)
+            segment = render.segment(index, piece, temperature)
+            yield _sse(
+                {
+                    "type": "transcript.text.segment",
+                    "id": str(segment.id),
+                    "start": segment.start,
+                    "end": segment.end,
+                    "text": segment.text,
+                }
+            )
+            prefix = " " if any(r.text for r in done[:-1]) else ""
+            yield _sse({"type": "transcript.text.delta", "delta": prefix + result.text})
+    except ServiceError as exc:
+        yield _error_event(exc, record)
+        return
+    _record(record, done)
+    yield _sse({"type": "transcript.text.done", "text": record.text or ""})
+
+
+async def _token_events(
     engine: Engine, job: Job, tokens: "asyncio.Queue[int]", record: RequestFacts
 ) -> AsyncIterator[str]:
     """OpenAI's transcription stream: text deltas as tokens arrive, then the whole text.
@@ -215,24 +294,19 @@ async def _events(
         try:
             result = waiter.result()
         except ServiceError as exc:
-            record.error_code = exc.code
-            error = {"message": exc.message, "type": exc.type, "param": None, "code": exc.code}
-            yield _sse({"type": "error", "error": {**error, "request_id": record.request_id}})
+            yield _error_event(exc, record)
             return
         rest = detok.finish() if streamed else result.text  # beam search streams no tokens
         if rest:
             yield _sse({"type": "transcript.text.delta", "delta": rest})
-        record.queue_seconds = result.queue_seconds
-        record.compute_seconds = result.compute_seconds
-        record.batch_size = result.batch_size
-        record.text = result.text
+        _record(record, [result])
         yield _sse({"type": "transcript.text.done", "text": result.text})
     finally:
         waiter.cancel()
 
 
 def _render(
-    result: Transcript,
+    pieces: list[render.Piece],
     duration: float,
     task: Task,
     language: str,
@@ -240,10 +314,10 @@ def _render(
     response_format: render.ResponseFormat,
 ) -> Response:
     if response_format == "text":
-        return PlainTextResponse(result.text)
+        return PlainTextResponse(render.joined_text(pieces))
     if response_format == "json":
-        return JSONResponse(render.as_json(result, duration).model_dump())
-    verbose = render.as_verbose(result, duration, task, language, temperature)
+        return JSONResponse(render.as_json(pieces, duration).model_dump())
+    verbose = render.as_verbose(pieces, duration, task, language, temperature)
     if response_format == "verbose_json":
         return JSONResponse(verbose.model_dump())
     if response_format == "srt":
