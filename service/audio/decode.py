@@ -13,7 +13,8 @@ The functions here are pure: bytes in, array out, no I/O beyond the in-memory bu
 from __future__ import annotations
 
 import io
-from typing import Final
+import math
+from typing import BinaryIO, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -45,11 +46,15 @@ _SUPPORTED: Final = "WAV, FLAC, OGG/Vorbis, OGG/Opus, MP3"
 
 
 def decode_audio(
-    data: bytes, *, sample_rate: int, max_seconds: float, max_channels: int = 2
+    data: bytes | BinaryIO, *, sample_rate: int, max_seconds: float, max_channels: int = 2
 ) -> npt.NDArray[np.float32]:
-    """Decode `data` (a whole audio file) to float32 mono at `sample_rate` Hz.
+    """Decode `data` (a whole audio file, as bytes or a seekable binary file) to float32 mono
+    at `sample_rate` Hz.
 
-    Channels are averaged; the signal is resampled (soxr, HQ) when the file's rate differs.
+    Channels are averaged; the signal is resampled (soxr, HQ, as a stream) when the file's rate
+    differs. Memory: the result, plus one short block; the file's own samples at their rate are
+    never held whole (an hour at 44.1 kHz would be 635 MB), and given a file object (an upload
+    spooled to disk) the encoded bytes are not held either.
     The result is 1-D, C-contiguous and non-empty. The duration limit is checked against the
     header before decoding and again while decoding, since some headers (MP3 without a length
     tag, a hand-made WAV) do not tell the truth. If the file breaks part-way (a damaged tail),
@@ -75,15 +80,15 @@ def decode_audio(
         if channels > max_channels:
             raise BadAudio(f"audio has {channels} channels; at most {max_channels} are supported")
         header_frames = int(f.frames)
-        if header_frames != _SF_COUNT_MAX and header_frames > max_seconds * rate_in:
+        known = header_frames != _SF_COUNT_MAX
+        if known and header_frames > max_seconds * rate_in:
             raise PayloadTooLarge(_too_long(header_frames / rate_in, max_seconds))
-        mono = _read_mono(f, rate_in, channels, max_seconds)
-
-    if rate_in != sample_rate:
-        mono = np.asarray(soxr.resample(mono, rate_in, sample_rate, quality="HQ"), np.float32)
-        if mono.size == 0:
-            raise BadAudio(f"audio is too short: it does not last one sample at {sample_rate} Hz")
-    return np.ascontiguousarray(mono, dtype=np.float32)
+        mono = _read_mono(
+            f, rate_in, channels, max_seconds, sample_rate, header_frames if known else None
+        )
+    if mono.size == 0:
+        raise BadAudio(f"audio is too short: it does not last one sample at {sample_rate} Hz")
+    return mono
 
 
 def probe_duration(data: bytes) -> float:
@@ -100,12 +105,17 @@ def probe_duration(data: bytes) -> float:
         return float("inf") if frames == _SF_COUNT_MAX else frames / rate
 
 
-def _open(data: bytes) -> sf.SoundFile:
+def _open(data: bytes | BinaryIO) -> sf.SoundFile:
     """Open `data` as a sound file, translating libsndfile's refusal into the service's errors."""
-    if not data:
+    if isinstance(data, bytes | bytearray | memoryview):
+        data = io.BytesIO(data)
+    data.seek(0, io.SEEK_END)
+    empty = data.tell() == 0
+    data.seek(0)
+    if empty:
         raise BadAudio("audio file is empty (0 bytes)")
     try:
-        return sf.SoundFile(io.BytesIO(data))
+        return sf.SoundFile(data)
     except sf.LibsndfileError as exc:
         if exc.code == _SF_ERR_UNRECOGNISED_FORMAT:
             raise UnsupportedMediaType(
@@ -125,20 +135,54 @@ def _check_sample_rate(rate: int) -> None:
         )
 
 
-def _read_mono(
-    f: sf.SoundFile, rate: int, channels: int, max_seconds: float
-) -> npt.NDArray[np.float32]:
-    """Read every frame of `f` as float32, averaging channels block by block.
+class _Samples:
+    """An append-only float32 buffer: sized once when the length is known, else doubling."""
 
-    One reusable (block, channels) buffer holds the raw frames; only the mono blocks are kept
-    and joined once at the end. `buffer_read_into` reads until libsndfile reports the end of
-    the stream, not just the frames the header declared, so the duration limit is enforced on
-    what actually decodes and decoding stops as soon as it is exceeded.
+    def __init__(self, capacity: int) -> None:
+        self.data = np.empty(max(1, capacity), dtype=np.float32)
+        self.size = 0
+
+    def append(self, x: npt.NDArray[np.float32]) -> None:
+        if self.size + len(x) > len(self.data):
+            grown = np.empty(max(2 * len(self.data), self.size + len(x)), dtype=np.float32)
+            grown[: self.size] = self.data[: self.size]
+            self.data = grown
+        self.data[self.size : self.size + len(x)] = x
+        self.size += len(x)
+
+    def result(self) -> npt.NDArray[np.float32]:
+        if len(self.data) - self.size > self.size // 8:  # do not keep a mostly empty buffer
+            return self.data[: self.size].copy()
+        return self.data[: self.size]
+
+
+def _read_mono(
+    f: sf.SoundFile,
+    rate: int,
+    channels: int,
+    max_seconds: float,
+    target_rate: int,
+    header_frames: int | None,
+) -> npt.NDArray[np.float32]:
+    """Read every frame of `f`, averaging channels and resampling block by block.
+
+    One reusable (block, channels) buffer holds the raw frames; each block is downmixed,
+    resampled by a streaming resampler (the same output as resampling the whole signal at
+    once) and appended to the result, which is allocated once from the header's length.
+    `buffer_read_into` reads until libsndfile reports the end of the stream, not just the
+    frames the header declared, so the duration limit is enforced on what actually decodes and
+    decoding stops as soon as it is exceeded.
     """
     block = max(1, int(rate * _BLOCK_SECONDS))
     buf = np.empty((block, channels), dtype=np.float32)
     limit_frames = max_seconds * rate
-    parts: list[npt.NDArray[np.float32]] = []
+    resampler = (
+        soxr.ResampleStream(rate, target_rate, 1, dtype="float32", quality="HQ")
+        if rate != target_rate
+        else None
+    )
+    expected = header_frames if header_frames is not None else block
+    out = _Samples(math.ceil(expected * target_rate / rate) + 16)
     total = 0
     while True:
         try:
@@ -156,10 +200,12 @@ def _read_mono(
         total += n
         if total > limit_frames:
             raise PayloadTooLarge(_too_long(total / rate, max_seconds, at_least=True))
-        parts.append(mono)
+        out.append(mono if resampler is None else resampler.resample_chunk(mono))
     if total == 0:
         raise BadAudio("audio contains no samples")
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+    if resampler is not None:
+        out.append(resampler.resample_chunk(np.zeros(0, dtype=np.float32), last=True))
+    return out.result()
 
 
 def _too_long(seconds: float, limit: float, *, at_least: bool = False) -> str:

@@ -137,12 +137,11 @@ async def _handle(
     record = facts(request.scope)
     record.response_format = response_format
     engine.adapter.validate(params)
-    data = await file.read()
     started = time.perf_counter()
     try:
         audio = await asyncio.to_thread(
             decode_audio,
-            data,
+            file.file,  # the upload as spooled (to disk when large): never all in memory
             sample_rate=engine.info.sampling_rate,
             max_seconds=settings.max_audio_seconds,
             max_channels=settings.max_channels,
@@ -150,7 +149,6 @@ async def _handle(
     except ServiceError as exc:
         exc.param = exc.param or "file"
         raise
-    del data
     engine.metrics.observe_stage("decode", time.perf_counter() - started)
     duration = len(audio) / engine.info.sampling_rate
     record.audio_seconds = duration
