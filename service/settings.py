@@ -1,10 +1,10 @@
 """Every setting of the service, in one class, read from `STT_*` environment variables."""
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "model_store" / "w2v2-bert-commands-en"
 
@@ -91,6 +91,21 @@ class Settings(BaseSettings):
         1024 * 1024, ge=1024, le=64 * 1024 * 1024, description="Largest websocket message."
     )
 
+    # --- access ---
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="API keys (comma-separated); empty: no key needed. Plus `api_keys_file`.",
+    )
+    api_keys_file: Path | None = Field(
+        None, description="File with one API key per line (`#` comments), e.g. a mounted secret."
+    )
+    public_metrics: bool = Field(
+        False, description="Serve `/metrics` without a key even when keys are set."
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Origins allowed by CORS (comma-separated); empty: off."
+    )
+
     # --- server ---
     host: str = Field("127.0.0.1", description="Address to bind.")
     port: int = Field(8000, ge=0, le=65535, description="Port to bind (0: any free port).")
@@ -113,6 +128,29 @@ class Settings(BaseSettings):
         if not value.is_dir():
             raise ValueError(f"model_dir {value} is not a folder (set STT_MODEL_DIR)")
         return value
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("api_keys_file")
+    @classmethod
+    def _keys_file_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"api_keys_file {value} is not a file")
+        return value
+
+    def keys(self) -> list[str]:
+        """Every accepted API key: `api_keys` and the lines of `api_keys_file`."""
+        keys = [k.get_secret_value() for k in self.api_keys]
+        if self.api_keys_file is not None:
+            for line in self.api_keys_file.read_text().splitlines():
+                if line.strip() and not line.lstrip().startswith("#"):
+                    keys.append(line.strip())
+        return keys
 
     @property
     def served_name(self) -> str:

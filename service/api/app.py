@@ -6,8 +6,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from service.api import errors
+from service.api.auth import ApiKeyAuth
 from service.api.limits import BodySizeLimit
 from service.api.observe import RequestObserver
 from service.api.routes import health, metrics, models, stream, transcriptions
@@ -48,6 +50,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.streams = 0  # open websocket sessions
     errors.install(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
+    # keys are checked before the body is read (an unauthenticated upload costs nothing)
+    app.add_middleware(ApiKeyAuth, keys=settings.keys(), public_metrics=settings.public_metrics)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "X-API-Key", "X-Request-ID", "Content-Type"],
+            expose_headers=["X-Request-ID", "Retry-After", "Server-Timing"],
+        )
     # outermost: sees every answer, the body-size limit's 413 included
     app.add_middleware(
         RequestObserver,

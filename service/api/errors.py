@@ -66,7 +66,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
         type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        # 400 here is the request body parser refusing it (a multipart body with no boundary, a
+        # form field over the parser's size cap): a malformed field, as the README documents it.
+        codes = {400: "invalid_value", 404: "not_found", 405: "method_not_allowed"}
+        code = codes.get(exc.status_code, "http_error")
         headers = getattr(exc, "headers", None)
         return _respond(request, str(exc.detail), type_, code, None, exc.status_code, headers)
 

@@ -23,6 +23,7 @@ _VALID_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 _PROBES = {"/health", "/ready", "/metrics"}
 # Answers that are not a refusal: success, the client leaving, and failures after acceptance.
 _NOT_REJECTED = {499, 500, 504}
+_REASONS = {"invalid_api_key": "auth"}  # rejection reason where it is not the error code
 
 
 @dataclasses.dataclass
@@ -101,6 +102,9 @@ class RequestObserver:
         scope.setdefault("state", {})["facts"] = record = RequestFacts(request_id=request_id)
         if scope["type"] == "websocket":  # sessions are counted and logged by the session
             await self.app(scope, receive, send)
+            if record.error_code is not None:  # refused before the handshake (auth)
+                reason = _REASONS.get(record.error_code, record.error_code)
+                self.metrics.rejections.labels(reason=reason).inc()
             return
         started = time.perf_counter()
         status = 500  # if the app dies without answering, the server answers 500
@@ -128,7 +132,8 @@ class RequestObserver:
         ).inc()
         self.metrics.request_duration.labels(endpoint=endpoint).observe(seconds)
         if status >= 400 and status not in _NOT_REJECTED:
-            self.metrics.rejections.labels(reason=record.error_code or f"http_{status}").inc()
+            reason = record.error_code or f"http_{status}"
+            self.metrics.rejections.labels(reason=_REASONS.get(reason, reason)).inc()
         fields: dict[str, object] = {
             "request_id": record.request_id,
             "method": scope.get("method"),
