@@ -271,7 +271,12 @@ def test_session_past_its_maximum_length_is_flushed_and_closed(
             async with connect(ws_url(server)) as ws:
                 await expect(ws, "session.created")
                 await ws.send(voice)  # an utterance still open when the time is up
-                events = [json.loads(m) async for m in ws]  # until the server closes
+                events = []
+                while ws.close_code is None:  # until the server closes
+                    try:
+                        events.append(json.loads(await asyncio.wait_for(ws.recv(), 10)))
+                    except ConnectionClosed:
+                        break
                 assert ws.close_code == 1008
                 return events
 
