@@ -199,7 +199,7 @@ async def _serve(
                     websocket.receive(), min(remaining, settings.stream_idle_timeout_s)
                 )
             except TimeoutError:
-                if time.monotonic() - started >= settings.max_stream_seconds:
+                if remaining <= settings.stream_idle_timeout_s:  # the session's time ran out
                     raise _Close(POLICY, "the session reached its maximum length") from None
                 raise _Close(POLICY, "idle timeout: no message received") from None
             if message["type"] == "websocket.disconnect":
