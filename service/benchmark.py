@@ -44,6 +44,7 @@ class Row:
     p99: float | None
     mean_batch: float
     peak_rss_mb: float
+    stages: dict[str, float] | None = None  # seconds per pipeline stage (from /metrics)
 
 
 def make_clips(model_dir: Path, count: int, low: float, high: float, seed: int) -> list[np.ndarray]:
@@ -147,9 +148,11 @@ def run_service(
             time.sleep(0.2)
         bodies = [wav_bytes(c) for c in clips]
         asyncio.run(_drive(url, bodies[: args.concurrency], args.concurrency))  # warm-up
+        before = stage_seconds(url)
         started = time.perf_counter()
         latencies, batches = asyncio.run(_drive(url, bodies, args.concurrency))
         wall = time.perf_counter() - started
+        after = stage_seconds(url)
         rss = peak_rss_mb(proc.pid)
     finally:
         proc.terminate()
@@ -164,7 +167,23 @@ def run_service(
         p99=percentile(latencies, 99),
         mean_batch=len(batches) / sum(1 / b for b in batches),
         peak_rss_mb=rss,
+        stages={k: after[k] - before.get(k, 0.0) for k in after},
     )
+
+
+def stage_seconds(url: str) -> dict[str, float]:
+    """Seconds spent so far per stage (`stt_stage_duration_seconds_sum`) and busy worker time."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url + "/metrics", timeout=10).text
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "stt_stage_duration_seconds_sum":
+                totals[sample.labels["stage"]] = sample.value
+            elif sample.name == "stt_worker_busy_seconds_total":
+                totals["worker busy"] = totals.get("worker busy", 0.0) + sample.value
+    return totals
 
 
 def run_offline(model_dir: Path, clips: list[np.ndarray], batch_size: int, repeats: int = 3) -> Row:
@@ -285,6 +304,13 @@ def main(argv: list[str] | None = None) -> None:
             f"| {r.mode} | {r.audio_per_s:.1f} | {r.requests_per_s:.2f} | {' | '.join(lat)} "
             f"| {r.mean_batch:.1f} | {r.peak_rss_mb:.0f} |"
         )
+    print("\nWhere the time goes (seconds summed over the run, from each server's /metrics):\n")
+    stages = ["decode", "features", "encoder", "decoding", "detokenize", "worker busy"]
+    print("| mode | " + " | ".join(stages) + " |")
+    print("|---|" + "---|" * len(stages))
+    for r in rows[:2]:
+        cells = [f"{(r.stages or {}).get(stage, 0.0):.1f}" for stage in stages]
+        print(f"| {r.mode} | " + " | ".join(cells) + " |")
     a, b, c = rows
     print(
         f"\n(a)/(c) throughput: {a.audio_per_s / c.audio_per_s:.2f}x   "
