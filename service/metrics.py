@@ -10,6 +10,8 @@ Engine-side figures that already exist as state (queue depth, workers alive, CUD
 read at scrape time by a collector rather than mirrored into gauges.
 """
 
+import asyncio
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -66,10 +68,13 @@ class _EngineCollector:
         f"{PREFIX}_worker_up",
         f"{PREFIX}_cuda_memory_allocated_bytes",
         f"{PREFIX}_cuda_memory_reserved_bytes",
+        f"{PREFIX}_event_loop_tasks",
+        f"{PREFIX}_threads",
     )
 
     def __init__(self) -> None:
         self.state: EngineState | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     def describe(self) -> Iterable[Metric]:
         return self._families(live=False)
@@ -89,6 +94,12 @@ class _EngineCollector:
         reserved = GaugeMetricFamily(
             self.NAMES[4], "CUDA memory reserved by the caching allocator", labels=["device"]
         )
+        tasks = GaugeMetricFamily(self.NAMES[5], "Tasks alive on the server's event loop")
+        threads = GaugeMetricFamily(self.NAMES[6], "Threads alive in the process")
+        if live:
+            loop = self.loop
+            tasks.add_metric([], len(asyncio.all_tasks(loop)) if loop is not None else 0)
+            threads.add_metric([], threading.active_count())
         state = self.state
         if live and state is not None:
             depth.add_metric([], state.queue_depth())
@@ -103,7 +114,7 @@ class _EngineCollector:
         elif live:
             depth.add_metric([], 0)
             queued.add_metric([], 0)
-        yield from (depth, queued, up, allocated, reserved)
+        yield from (depth, queued, up, allocated, reserved, tasks, threads)
 
 
 class Metrics:
@@ -256,6 +267,10 @@ class Metrics:
 
     def bind_engine(self, state: EngineState) -> None:
         self.engine.state = state
+
+    def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The event loop whose tasks `stt_event_loop_tasks` counts (scraped on that loop)."""
+        self.engine.loop = loop
 
     def observe_stage(self, stage: str, seconds: float) -> None:
         self.stage_duration.labels(stage=stage).observe(seconds)

@@ -27,6 +27,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app_metrics.bind_loop(asyncio.get_running_loop())
         engine = await asyncio.to_thread(Engine.load, settings, app_metrics)
         engine.start()
         app.state.engine = engine
