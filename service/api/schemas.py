@@ -115,6 +115,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
     status: {"model": ErrorBody, "description": what}
     for status, what in (
         (400, "Invalid field or undecodable audio"),
+        (401, "Missing or invalid API key (when keys are configured)"),
         (404, "Unknown model"),
         (413, "Upload or audio too large"),
         (415, "Not a supported audio format"),

@@ -36,6 +36,11 @@ _BLOCK_SECONDS: Final = 0.25
 audio is lost when a damaged tail makes libsndfile fail mid-block (the failing block's frames are
 not returned to us, so smaller blocks salvage more)."""
 
+MAX_SAMPLE_MAGNITUDE: Final = 2.0**31
+"""Largest |sample| accepted. Float files hold [-1, 1], or integer-scaled values (up to 2^31) from
+tools that write integer samples as floats; anything larger is garbage (a corrupt float file), and
+would overflow float32 arithmetic (channel mean, resampling, feature normalisation) to inf/NaN."""
+
 _SF_ERR_UNRECOGNISED_FORMAT: Final = 1
 """libsndfile's error code for 'Format not recognised': the bytes are in no container it knows."""
 
@@ -61,9 +66,10 @@ def decode_audio(
     the audio decoded up to the break is kept; if nothing decoded, it is `BadAudio`.
 
     Raises:
-        BadAudio: empty, corrupt or unreadable data, no samples, NaN/Inf samples, a sample rate
-            outside MIN_SAMPLE_RATE..MAX_SAMPLE_RATE, more than `max_channels` channels, or
-            audio too short to yield one sample at `sample_rate`.
+        BadAudio: empty, corrupt or unreadable data, no samples, NaN/Inf samples or samples
+            beyond MAX_SAMPLE_MAGNITUDE, a sample rate outside MIN_SAMPLE_RATE..MAX_SAMPLE_RATE,
+            more than `max_channels` channels, or audio too short to yield one sample at
+            `sample_rate`.
         UnsupportedMediaType: the bytes are in no audio format libsndfile recognises.
         PayloadTooLarge: the audio lasts longer than `max_seconds`.
         ValueError: a non-positive `sample_rate`, `max_seconds` or `max_channels` (a caller bug).
@@ -194,9 +200,15 @@ def _read_mono(
         if n <= 0:
             break
         frames = buf[:n]
+        magnitude = np.abs(frames)
+        if not (magnitude <= MAX_SAMPLE_MAGNITUDE).all():  # NaN compares false too
+            if not np.isfinite(frames).all():
+                raise BadAudio("audio contains NaN or infinite samples")
+            raise BadAudio(
+                f"audio contains samples of magnitude {magnitude.max():.3g}; float samples "
+                f"must lie within ±{MAX_SAMPLE_MAGNITUDE:.0f} (normally [-1, 1])"
+            )
         mono = frames[:, 0].copy() if channels == 1 else frames.mean(axis=1, dtype=np.float32)
-        if not np.isfinite(mono).all():
-            raise BadAudio("audio contains NaN or infinite samples")
         total += n
         if total > limit_frames:
             raise PayloadTooLarge(_too_long(total / rate, max_seconds, at_least=True))

@@ -162,6 +162,7 @@ class ModelAdapter:
         self._check_generation_ids()
         self.max_target_length = self._max_target_length(config)
         self.info = self._describe(name, config)
+        self.min_samples = self._min_samples()
         log.info(
             "loaded %s (%s) on %s as %s", name, self.info.architecture, self.device, self.dtype
         )
@@ -217,6 +218,37 @@ class ModelAdapter:
         """The checkpoint's own `max_new_tokens` (generation config), else 128."""
         value = getattr(self.model.generation_config, "max_new_tokens", None)
         return int(value) if value else 128
+
+    @torch.inference_mode()
+    def _min_samples(self) -> int:
+        """The shortest input (samples) the encoder accepts, found by trying it.
+
+        Convolutional front ends need a minimum length (wav2vec2-base: 400 samples, its
+        receptive field); shorter audio makes the encoder raise. Probing the real encoder with
+        faint noise (bisection over lengths, a dozen tiny forwards at start-up) covers every
+        architecture without modelling each one's convolutions.
+        """
+        rng = np.random.default_rng(0)
+        encoder = self.model.get_encoder()
+
+        def runs(length: int) -> bool:
+            audio = rng.normal(0, 1e-3, length).astype(np.float32)
+            try:
+                feats = self.features([audio])
+                feats.pop("attention_mask", None)
+                encoder(**feats)
+            except (RuntimeError, ValueError, IndexError):
+                return False
+            return True
+
+        low, high = 0, self.info.sampling_rate  # low fails (or is empty), high must work
+        if not runs(high):
+            raise StartupError(f"the encoder of {self.model_dir} fails on one second of audio")
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (low, middle) if runs(middle) else (middle, high)
+        self._clock = {}
+        return high
 
     @staticmethod
     def _max_target_length(config: Any) -> int:

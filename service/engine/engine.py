@@ -13,7 +13,7 @@ from service.engine.adapter import ModelAdapter, ModelInfo
 from service.engine.pool import WorkerPool
 from service.engine.scheduler import Scheduler
 from service.engine.types import GenerationParams, Job, Transcript
-from service.errors import DeadlineExceeded, Overloaded, Unavailable
+from service.errors import BadAudio, DeadlineExceeded, Overloaded, Unavailable
 from service.metrics import EngineState, Metrics, WorkerState
 from service.settings import Settings
 
@@ -115,6 +115,13 @@ class Engine:
         if not self.ready:
             raise Unavailable("no model worker is ready")
         self.adapter.validate(params)
+        if len(audio) < self.adapter.min_samples:
+            rate = self.info.sampling_rate
+            raise BadAudio(
+                f"audio is too short: {len(audio)} samples ({len(audio) / rate * 1000:.1f} ms) "
+                f"at {rate} Hz; the model needs at least {self.adapter.min_samples}",
+                param="file",
+            )
         loop = asyncio.get_running_loop()
         job = Job(
             audio=audio,
@@ -128,7 +135,8 @@ class Engine:
             sink = tokens
 
             def on_token(token: int) -> None:  # worker thread → event loop
-                loop.call_soon_threadsafe(sink.put_nowait, token)
+                if not loop.is_closed():
+                    loop.call_soon_threadsafe(sink.put_nowait, token)
 
             job.on_token = on_token
         self.scheduler.submit(job)

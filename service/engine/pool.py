@@ -1,8 +1,9 @@
 """The device workers: one thread per device, each owning a model replica.
 
 A worker takes batches from the scheduler, runs them off the event loop and resolves each job's
-future. A failure inside a batch fails that batch only (an out-of-memory batch is split in
-halves and retried); a worker thread that dies is replaced and its in-flight jobs fail with 503.
+future. A batch that fails (out of memory, or any exception) is split in halves and retried, so
+only a request that fails alone gets an error (500) and the rest of its batch is answered; a
+worker thread that dies is replaced and its in-flight jobs fail with 503.
 """
 
 import contextlib
@@ -99,9 +100,14 @@ class Worker:
             return
         except Exception as exc:
             self.pool.metrics.worker_failures.labels(error="model_error").inc()
-            log.exception("batch of %d failed", len(jobs))
-            for job in jobs:
-                job.fail(ModelFailure(f"the model failed on this batch: {type(exc).__name__}"))
+            if len(jobs) > 1:  # find the request that breaks the model; the others still run
+                log.warning("batch of %d failed (%r): retrying in halves", len(jobs), exc)
+                half = len(jobs) // 2
+                self._generate(jobs[:half])
+                self._generate(jobs[half:])
+                return
+            log.exception("request %d failed alone", jobs[0].id)
+            jobs[0].fail(ModelFailure(f"the model failed on this request: {type(exc).__name__}"))
             return
         elapsed = time.monotonic() - started
         self.batches_run += 1

@@ -81,11 +81,23 @@ class Job:
 
     def resolve(self, result: Transcript) -> None:
         """Hand the result to the waiting coroutine (callable from any thread)."""
-        self.loop.call_soon_threadsafe(_set_result, self.future, result)
+        _call_soon(self.loop, _set_result, self.future, result)
 
     def fail(self, error: BaseException) -> None:
         """Hand an error to the waiting coroutine (callable from any thread)."""
-        self.loop.call_soon_threadsafe(_set_exception, self.future, error)
+        _call_soon(self.loop, _set_exception, self.future, error)
+
+
+def _call_soon(
+    loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args: object
+) -> None:
+    """`call_soon_threadsafe`, except that a closed loop (nobody left to tell) is no error:
+    a worker finishing a batch after its requester's loop has ended must not die of it."""
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:
+        if not loop.is_closed():
+            raise
 
 
 def _set_result(future: asyncio.Future[Transcript], result: Transcript) -> None:

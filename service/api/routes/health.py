@@ -11,7 +11,14 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/ready", summary="Readiness: model loaded, warmed up and a worker alive")
+@router.get(
+    "/ready",
+    summary="Readiness: model loaded, warmed up and a worker alive",
+    responses={
+        200: {"description": "Ready: `{status, workers, queued}`"},
+        503: {"description": "Not ready (loading, draining, or no worker alive); Retry-After"},
+    },
+)
 async def ready(request: Request) -> JSONResponse:
     engine = request.app.state.engine
     if engine is None or not engine.ready:

@@ -229,9 +229,11 @@ async def _serve(
             try:
                 event = json.loads(text)
             except ValueError:
+                event = None
+            if not isinstance(event, dict):
                 await connection.send(_error("invalid_json", "messages must be JSON objects"))
                 continue
-            kind = event.get("type") if isinstance(event, dict) else None
+            kind = event.get("type")
             if kind == "end":
                 if session is not None:
                     await session.finish()
