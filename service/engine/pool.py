@@ -51,7 +51,7 @@ class Worker:
                     continue
                 self.current = batch
                 self.run_batch(batch)
-                self.current = []
+                self.current = batch = []  # let the jobs' audio go while the next batch forms
         except BaseException as exc:  # the thread is dying: answer its jobs, then get replaced
             log.exception("worker %d died", self.index)
             self.pool.replace(self)  # first, so the service is never without a worker
