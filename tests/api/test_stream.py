@@ -175,6 +175,8 @@ def test_bad_messages_get_error_events_and_the_session_survives(
             await expect(ws, "error", "invalid_config")
             await ws.send(json.dumps({"type": "config", "num_beams": 999}))
             await expect(ws, "error", "invalid_config")
+            await ws.send(json.dumps({"type": "config", "task": "translate"}))
+            assert "cannot translate" in str(await expect(ws, "error", "invalid_config"))
             await ws.send(json.dumps({"type": "config", "sample_rate": RATE}))
             created = await expect(ws, "session.created")
             assert created["config"]["sample_rate"] == RATE

@@ -19,6 +19,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 from service.api.observe import facts
 from service.engine.engine import Engine
 from service.engine.types import GenerationParams
+from service.errors import ServiceError
 from service.metrics import Metrics
 from service.settings import Settings
 from service.streaming.pcm import BadFrame
@@ -126,7 +127,6 @@ async def stream(websocket: WebSocket) -> None:
     reason = "error"
     session: StreamSession | None = None
     try:
-        session = None
         query = _query_config(websocket)
         if query is not None:
             session = await _configure(query, engine, settings, metrics, connection)
@@ -166,8 +166,8 @@ async def _configure(
     except ValueError as exc:
         await connection.send(_error("invalid_config", str(exc)))
         return None
-    except Exception as exc:  # e.g. Unsupported (translate) from the adapter
-        await connection.send(_error("invalid_config", str(exc)))
+    except ServiceError as exc:  # e.g. Unsupported: this model cannot translate
+        await connection.send(_error("invalid_config", exc.message))
         return None
     session = StreamSession(engine, config, params, connection.send, metrics)
     effective = config.model_dump()
