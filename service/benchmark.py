@@ -273,6 +273,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--max-batch-audio-seconds", type=float, default=240.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--cpu-workers", type=int, default=0, help="(a): STT_CPU_WORKERS (0: the default)"
+    )
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
 
@@ -282,7 +285,14 @@ def main(argv: list[str] | None = None) -> None:
         )
         clips = make_clips(args.model, args.requests, args.min_seconds, args.max_seconds, args.seed)
         rows = [
-            run_service("(a) service, batching", model_dir, clips, args, args.max_batch_size),
+            run_service(
+                "(a) service, batching",
+                model_dir,
+                clips,
+                args,
+                args.max_batch_size,
+                {"STT_CPU_WORKERS": str(args.cpu_workers)} if args.cpu_workers else None,
+            ),
             # one request at a time on one worker with every core: a plain FastAPI + generate
             run_service(
                 "(b) service, one at a time", model_dir, clips, args, 1, {"STT_CPU_WORKERS": "1"}

@@ -17,6 +17,12 @@ def test_devices(tmp_path: Path) -> None:
     assert make(tmp_path).devices(cuda_count=0, cores=2) == ["cpu", "cpu"]
     assert make(tmp_path).devices(cuda_count=0, cores=16) == ["cpu"] * 4
     assert make(tmp_path, cpu_workers=1).devices(cuda_count=0, cores=2) == ["cpu"]
+    big = 232_000_000  # a large model is served best by one worker with every core
+    assert make(tmp_path).devices(cuda_count=0, cores=16, parameters=big) == ["cpu"]
+    assert make(tmp_path).devices(cuda_count=0, cores=16, parameters=6_000_000) == ["cpu"] * 4
+    assert (
+        make(tmp_path, cpu_workers=3).devices(cuda_count=0, cores=16, parameters=big) == ["cpu"] * 3
+    )
     assert make(tmp_path, device="cuda:1").devices(cuda_count=2, cores=2) == ["cuda:1"]
     with pytest.raises(ValueError, match="unknown device"):
         make(tmp_path, device="tpu").devices(cuda_count=0, cores=2)

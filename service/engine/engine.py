@@ -70,14 +70,26 @@ class Engine:
 
     @classmethod
     def load(cls, settings: Settings, metrics: Metrics | None = None) -> "Engine":
-        """Load one replica per device and warm each up (blocking: call off the event loop)."""
+        """Load one replica per device and warm each up (blocking: call off the event loop).
+
+        With `cpu_workers` left at 0 the number of CPU replicas depends on the model's size, so
+        the first replica is loaded before the others are counted.
+        """
         cores = os.cpu_count() or 1
         devices = settings.devices(torch.cuda.device_count(), cores)
+        first = ModelAdapter(settings.model_dir, settings.served_name, devices[0], settings.dtype)
+        if "cpu" in devices and not settings.cpu_workers:
+            parameters = sum(p.numel() for p in first.model.parameters())
+            devices = settings.devices(torch.cuda.device_count(), cores, parameters)
         if "cpu" in devices:  # torch's thread count is per process: every CPU worker gets it
             torch.set_num_threads(settings.threads_per_cpu_worker(cores, devices.count("cpu")))
         adapters = []
-        for device in devices:
-            adapter = ModelAdapter(settings.model_dir, settings.served_name, device, settings.dtype)
+        for index, device in enumerate(devices):
+            adapter = (
+                first
+                if index == 0
+                else ModelAdapter(settings.model_dir, settings.served_name, device, settings.dtype)
+            )
             if settings.warmup:
                 started = time.monotonic()
                 adapter.warm_up()
