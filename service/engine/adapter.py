@@ -386,23 +386,29 @@ class ModelAdapter:
         wanted: Callable[[], list[bool]] | None = None,
         timings: dict[str, float] | None = None,
         sinks: Sequence[TokenSink | None] | None = None,
+        grow: Callable[[], list[tuple[np.ndarray, TokenSink | None]]] | None = None,
     ) -> list[Decoded]:
         """Decode a batch that shares `params`; `wanted()` lets cancelled rows stop early.
 
         `timings`, when given, receives the seconds spent per stage: features, encoder,
         decoding (the decoder steps and search) and detokenize. `sinks[i]`, when given, receives
         row i's token ids as they are generated (not with beam search: beams are only decided at
-        the end, so those rows get their tokens from the result).
+        the end, so those rows get their tokens from the result). `grow()`, for models that
+        encode rows one by one (`encode_separately`), is asked for more rows once the current
+        ones are encoded, until it has none: requests that arrived meanwhile join this batch's
+        decoder steps. The result has a row for each input and each grown row, in that order.
         """
         self._clock = {}
-        if self.info.encode_separately and len(audios) > 1:
-            inputs = self._encode_separately(audios)
+        audios = list(audios)
+        sinks = list(sinks) if sinks is not None else [None] * len(audios)
+        if self.info.encode_separately and (len(audios) > 1 or grow is not None):
+            inputs = self._encode_separately(audios, sinks, grow)
         else:
             inputs = self.features(audios)
         kwargs = self.generate_kwargs(params)
         if wanted is not None:
             kwargs["stopping_criteria"] = StoppingCriteriaList([_Cancelled(wanted, len(audios))])
-        if sinks is not None and any(sinks) and params.num_beams == 1:
+        if any(sinks) and params.num_beams == 1:
             kwargs["streamer"] = _RowStreamer(sinks, self._eos_ids())
         encoded_before = self._clock.get("encoder", 0.0)
         started = time.perf_counter()
@@ -421,26 +427,40 @@ class ModelAdapter:
             timings.update(self._clock)
         return rows
 
-    def _encode_separately(self, audios: Sequence[np.ndarray]) -> dict[str, Any]:
+    def _encode_separately(
+        self,
+        audios: list[np.ndarray],
+        sinks: list[TokenSink | None],
+        grow: Callable[[], list[tuple[np.ndarray, TokenSink | None]]] | None = None,
+    ) -> dict[str, Any]:
         """Run the encoder on each input alone, then let the decoder steps share one batch.
 
         Each row's encoder output is exactly what it would be alone (no padding reaches the
         encoder), and the decoder sees the padded encoder frames through the cross-attention
         mask only. On a CPU the encoder gains nothing from batching (it is compute-bound) while
         the decoder steps gain several times, so this batches every length together without the
-        encoder's padding waste.
+        encoder's padding waste. Rows from `grow()` are appended to `audios` and `sinks`.
         """
         states, samples = [], []
-        for audio in audios:
-            feats = self.features([audio])
-            states.append(self.model.encoder(**feats).last_hidden_state[0])
-            samples.append(feats[self.info.input_name].shape[-1])
+        row = 0
+        while True:
+            while row < len(audios):
+                feats = self.features([audios[row]])
+                states.append(self.model.encoder(**feats).last_hidden_state[0])
+                samples.append(feats[self.info.input_name].shape[-1])
+                row += 1
+            extra = grow() if grow is not None else []
+            if not extra:
+                break
+            for audio, sink in extra:
+                audios.append(audio)
+                sinks.append(sink)
         frames = max(state.shape[0] for state in states)
         hidden = states[0].new_zeros((len(states), frames, states[0].shape[-1]))
         mask = torch.zeros((len(states), max(samples)), dtype=torch.long, device=self.device)
-        for row, (state, count) in enumerate(zip(states, samples, strict=True)):
-            hidden[row, : state.shape[0]] = state
-            mask[row, :count] = 1  # the model turns sample counts into encoder-frame masks
+        for index, (state, count) in enumerate(zip(states, samples, strict=True)):
+            hidden[index, : state.shape[0]] = state
+            mask[index, :count] = 1  # the model turns sample counts into encoder-frame masks
         return {
             "encoder_outputs": BaseModelOutput(last_hidden_state=hidden),
             "attention_mask": mask,

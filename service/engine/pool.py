@@ -12,9 +12,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import torch
 
-from service.engine.adapter import Decoded, ModelAdapter
+from service.engine.adapter import Decoded, ModelAdapter, TokenSink
 from service.engine.buckets import bucket_samples
 from service.engine.scheduler import Scheduler
 from service.engine.types import Job, Transcript
@@ -84,7 +85,8 @@ class Worker:
                     jobs[0].params,
                     wanted=lambda: [j.alive() for j in jobs],
                     timings=timings,
-                    sinks=[j.on_token for j in jobs] if any(j.on_token for j in jobs) else None,
+                    sinks=[j.on_token for j in jobs],
+                    grow=self._grower(jobs) if self.adapter.info.encode_separately else None,
                 )
         except torch.OutOfMemoryError:
             self.pool.metrics.worker_failures.labels(error="out_of_memory").inc()
@@ -123,12 +125,32 @@ class Worker:
                     logprobs=row.logprobs,
                     language=job.params.language,
                     audio_seconds=job.samples / self.adapter.info.sampling_rate,
-                    queue_seconds=started - job.enqueued_at,
+                    queue_seconds=max(0.0, started - job.enqueued_at),
                     compute_seconds=elapsed,
                     batch_size=len(jobs),
                 )
             )
         self.pool.after_batch(self, jobs, elapsed)
+
+    def _grower(self, jobs: list[Job]) -> Callable[[], list[tuple[np.ndarray, TokenSink | None]]]:
+        """More rows for a batch whose rows are encoded one by one (`encode_separately`).
+
+        Encoding takes most of a CPU batch's time; requests that arrive meanwhile join this
+        batch's decoder steps (where batching pays) instead of waiting for the next batch, up
+        to the batch-size and audio budgets. `jobs` grows in place, so a failure, a
+        cancellation or the results cover the grown rows too.
+        """
+        scheduler = self.pool.scheduler
+
+        def grow() -> list[tuple[np.ndarray, TokenSink | None]]:
+            room = scheduler.max_batch_size - len(jobs)
+            if room <= 0:
+                return []
+            extra = scheduler.take_more(jobs[0], room, sum(j.samples for j in jobs))
+            jobs.extend(extra)
+            return [(j.audio, j.on_token) for j in extra]
+
+        return grow
 
     def _observe(
         self,

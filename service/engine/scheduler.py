@@ -150,6 +150,29 @@ class Scheduler:
                 self._remove(job)
             return batch
 
+    def take_more(self, lead: Job, room: int, batch_samples: int) -> list[Job]:
+        """Jobs that may join `lead`'s batch while it is still being encoded (length-free
+        models only): up to `room` of them, within the audio budget, most urgent first."""
+        if not self.length_free:
+            return []
+        with self._cond:
+            self._drop_dead()
+            key = lead.params.batch_key()
+            candidates = sorted(
+                (j for j in self._jobs if j.params.batch_key() == key),
+                key=lambda j: (-j.priority, j.enqueued_at, j.id),
+            )
+            picked: list[Job] = []
+            for job in candidates:
+                if len(picked) >= room:
+                    break
+                if batch_samples + job.samples <= self.max_batch_samples:
+                    picked.append(job)
+                    batch_samples += job.samples
+            for job in picked:
+                self._remove(job)
+            return picked
+
     def _compatible(self, lead: Job) -> list[Job]:
         """The lead plus the most urgent jobs that may share its `generate` call."""
         key = lead.params.batch_key()

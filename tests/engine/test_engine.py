@@ -1,6 +1,7 @@
 """The engine on tiny real checkpoints: batching, invariance, cancellation, fault isolation."""
 
 import asyncio
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -216,3 +217,36 @@ def test_windows_of_one_request_batch_together_and_leave_together(engine_for) ->
     # at most: the batch that held the two windows read, and the next one, already running
     assert sum(batches) <= 8
     assert engine.scheduler.depth == 0  # nothing of the departed request is left queued
+
+
+def test_requests_arriving_while_a_batch_encodes_join_its_decoder_steps(engine_for) -> None:
+    engine = engine_for(max_wait_ms=0, max_batch_size=8)
+    assert engine.info.encode_separately  # a CPU engine: rows are encoded one by one
+    adapter = engine.pool.workers[0].adapter
+    original = adapter.features
+    encoding, release = threading.Event(), threading.Event()
+
+    def slow_first(audios):  # the first row's encoding waits until the others are queued
+        if not encoding.is_set():
+            encoding.set()
+            release.wait(30)
+        return original(audios)
+
+    audio = clips([1.0, 0.7, 1.3, 0.9])
+
+    async def run():
+        alone = [await engine.transcribe(a, PARAMS) for a in audio]
+        encoding.clear()
+        adapter.features = slow_first  # type: ignore[method-assign]
+        first = asyncio.create_task(engine.transcribe(audio[0], PARAMS))
+        await asyncio.to_thread(encoding.wait, 30)
+        rest = [asyncio.create_task(engine.transcribe(a, PARAMS)) for a in audio[1:]]
+        while engine.scheduler.depth < 3:
+            await asyncio.sleep(0)
+        release.set()
+        return alone, [await first, *[await r for r in rest]]
+
+    encoding.set()  # the warm-up transcriptions in `alone` pass straight through
+    alone, joined = asyncio.run(run())
+    assert [r.batch_size for r in joined] == [4, 4, 4, 4]  # one batch, not 1 + 3
+    assert [r.tokens for r in joined] == [r.tokens for r in alone]
