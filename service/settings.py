@@ -34,7 +34,7 @@ class Settings(BaseSettings):
         "auto", description="`auto`: float16 on CUDA, float32 on CPU."
     )
     cpu_workers: int = Field(
-        0, ge=0, le=64, description="CPU workers (model replicas); 0: min(4, cores)."
+        0, ge=0, le=64, description="CPU workers (model replicas); 0: by model size."
     )
     cpu_threads: int = Field(
         0, ge=0, le=256, description="torch threads per CPU worker; 0: cores / workers."
