@@ -1,5 +1,13 @@
 """`python -m service` (or `speech-serve`): run the API with uvicorn on the settings."""
 
+import os
+
+# oneDNN (torch's CPU kernels) caches a primitive per input shape, 1024 by default: with audio
+# of every length that is hundreds of MB that only grows with traffic. 32 keeps the memory flat
+# and measured no slower (120 clips of random length: 2.04 s against 2.26 s uncapped). Must be
+# set before torch first runs a kernel.
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "32")
+
 import uvicorn
 
 from service import logs

@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -11,6 +12,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from service.api import errors
 from service.api.auth import ApiKeyAuth
+from service.api.gate import DecodeGate, EarlyAdmission
 from service.api.limits import BodySizeLimit
 from service.api.observe import RequestObserver
 from service.api.routes import health, metrics, models, stream, transcriptions
@@ -68,8 +70,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = None
     app.state.metrics = app_metrics
     app.state.streams = 0  # open websocket sessions
+    cores = os.cpu_count() or 1
+    app.state.decode_gate = DecodeGate(slots=cores, waiting=settings.max_queue_size)
     errors.install(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(EarlyAdmission)  # overload refused before the body is read
     # keys are checked before the body is read (an unauthenticated upload costs nothing)
     app.add_middleware(ApiKeyAuth, keys=settings.keys(), public_metrics=settings.public_metrics)
     if settings.cors_origins:

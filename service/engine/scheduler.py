@@ -16,6 +16,7 @@ from service.engine.types import Job
 from service.errors import DeadlineExceeded, Overloaded, Unavailable
 
 SIMILAR_LENGTH = 1.5  # a batch's longest clip is at most this times its shortest
+ETA_MARGIN = 1.25  # admit only if the estimated wait, plus a quarter, fits the deadline
 
 
 class Scheduler:
@@ -52,26 +53,36 @@ class Scheduler:
 
     # --- producer side (event loop) ---
 
+    def admit(self, deadline: float, samples: int = 0) -> None:
+        """Raise `Overloaded`/`Unavailable` if a job of `samples` due by `deadline` would be
+        refused now. Called before an upload is decoded, so a refusal costs no decoding."""
+        with self._cond:
+            self._admit(deadline, samples)
+
+    def _admit(self, deadline: float, samples: int) -> None:
+        if self._closed:
+            raise Unavailable("the service is shutting down")
+        if len(self._jobs) >= self.max_queue_size:
+            raise Overloaded(
+                "the request queue is full", retry_after=self._drain_eta(), code="queue_full"
+            )
+        if self._queued_samples + samples > self.max_queued_samples:
+            raise Overloaded(
+                "too much audio is queued", retry_after=self._drain_eta(), code="queue_full"
+            )
+        eta = self._drain_eta()
+        # with a margin: the rate is measured on past batches, and a burst slows the next ones
+        if self._rate and time.monotonic() + ETA_MARGIN * eta > deadline:
+            raise Overloaded(
+                f"estimated wait {eta:.1f} s exceeds the request's deadline",
+                retry_after=eta,
+                code="deadline",
+            )
+
     def submit(self, job: Job) -> None:
         """Queue a job or raise `Overloaded`/`Unavailable` at once."""
         with self._cond:
-            if self._closed:
-                raise Unavailable("the service is shutting down")
-            if len(self._jobs) >= self.max_queue_size:
-                raise Overloaded(
-                    "the request queue is full", retry_after=self._drain_eta(), code="queue_full"
-                )
-            if self._queued_samples + job.samples > self.max_queued_samples:
-                raise Overloaded(
-                    "too much audio is queued", retry_after=self._drain_eta(), code="queue_full"
-                )
-            eta = self._drain_eta()
-            if self._rate and time.monotonic() + eta > job.deadline:
-                raise Overloaded(
-                    f"estimated wait {eta:.1f} s exceeds the request's deadline",
-                    retry_after=eta,
-                    code="deadline",
-                )
+            self._admit(job.deadline, job.samples)
             self._jobs.append(job)
             self._queued_samples += job.samples
             self._cond.notify()

@@ -22,7 +22,14 @@ from service.audio import decode_audio
 from service.audio.windows import plan_windows
 from service.engine.engine import ClientGone, Engine
 from service.engine.types import GenerationParams, Job, Task, Transcript
-from service.errors import InvalidRequest, ModelNotFound, ServiceError
+from service.errors import (
+    BadAudio,
+    InvalidRequest,
+    ModelNotFound,
+    PayloadTooLarge,
+    ServiceError,
+    UnsupportedMediaType,
+)
 from service.settings import Settings
 from service.streaming.detok import IncrementalDetokenizer
 
@@ -137,16 +144,21 @@ async def _handle(
     record = facts(request.scope)
     record.response_format = response_format
     engine.adapter.validate(params)
+    # refuse overload before paying for decoding (which would slow the workers further);
+    # `EarlyAdmission` did the same before the body was parsed, with the default deadline
+    engine.scheduler.admit(engine.deadline(timeout))
     started = time.perf_counter()
     try:
-        audio = await asyncio.to_thread(
-            decode_audio,
-            file.file,  # the upload as spooled (to disk when large): never all in memory
-            sample_rate=engine.info.sampling_rate,
-            max_seconds=settings.max_audio_seconds,
-            max_channels=settings.max_channels,
-        )
-    except ServiceError as exc:
+        async with request.app.state.decode_gate.slot():
+            started = time.perf_counter()
+            audio = await asyncio.to_thread(
+                decode_audio,
+                file.file,  # the upload as spooled (to disk when large): never all in memory
+                sample_rate=engine.info.sampling_rate,
+                max_seconds=settings.max_audio_seconds,
+                max_channels=settings.max_channels,
+            )
+    except (BadAudio, UnsupportedMediaType, PayloadTooLarge) as exc:
         exc.param = exc.param or "file"
         raise
     engine.metrics.observe_stage("decode", time.perf_counter() - started)
