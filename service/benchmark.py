@@ -15,9 +15,6 @@ import asyncio
 import io
 import json
 import os
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -27,6 +24,7 @@ import httpx
 import numpy as np
 import soundfile as sf
 
+from service.serverproc import proc_status_kb, running_server, scrape
 from service.settings import DEFAULT_MODEL_DIR
 
 RATE = 16_000
@@ -73,16 +71,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return proc_status_kb(pid, "VmHWM") / 1024
 
 
 async def _drive(url: str, bodies: list[bytes], concurrency: int) -> tuple[list[float], list[int]]:
@@ -118,12 +107,7 @@ def run_service(
     extra_env: dict[str, str] | None = None,
 ) -> Row:
     """Start `python -m service`, warm it up, drive it, and measure it."""
-    port = _free_port()
     env = {
-        **os.environ,
-        "STT_MODEL_DIR": str(model_dir),
-        "STT_PORT": str(port),
-        "STT_HOST": "127.0.0.1",
         "STT_MAX_BATCH_SIZE": str(max_batch_size),
         "STT_MAX_WAIT_MS": str(args.max_wait_ms),
         "STT_MAX_AUDIO_SECONDS": "600",
@@ -132,20 +116,9 @@ def run_service(
         "STT_MAX_REQUEST_TIMEOUT_S": "3600",
         "STT_MAX_BATCH_AUDIO_SECONDS": str(args.max_batch_audio_seconds),
         **(extra_env or {}),
-        "STT_LOG_LEVEL": "warning",
     }
-    proc = subprocess.Popen([sys.executable, "-m", "service"], env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        while True:  # a benchmark may poll: nothing here is asserted on timing
-            if proc.poll() is not None:
-                raise SystemExit(f"service exited with {proc.returncode}")
-            try:
-                if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+    with running_server(model_dir, env) as server:
+        url = server.url
         bodies = [wav_bytes(c) for c in clips]
         asyncio.run(_drive(url, bodies[: args.concurrency], args.concurrency))  # warm-up
         before = stage_seconds(url)
@@ -153,10 +126,7 @@ def run_service(
         latencies, batches = asyncio.run(_drive(url, bodies, args.concurrency))
         wall = time.perf_counter() - started
         after = stage_seconds(url)
-        rss = peak_rss_mb(proc.pid)
-    finally:
-        proc.terminate()
-        proc.wait(120)
+        rss = server.peak_rss_mb
     audio = sum(len(c) for c in clips) / RATE
     return Row(
         mode=mode,
@@ -173,16 +143,12 @@ def run_service(
 
 def stage_seconds(url: str) -> dict[str, float]:
     """Seconds spent so far per stage (`stt_stage_duration_seconds_sum`) and busy worker time."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = httpx.get(url + "/metrics", timeout=10).text
     totals: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "stt_stage_duration_seconds_sum":
-                totals[sample.labels["stage"]] = sample.value
-            elif sample.name == "stt_worker_busy_seconds_total":
-                totals["worker busy"] = totals.get("worker busy", 0.0) + sample.value
+    for name, labels, value in scrape(url):
+        if name == "stt_stage_duration_seconds_sum":
+            totals[labels["stage"]] = value
+        elif name == "stt_worker_busy_seconds_total":
+            totals["worker busy"] = totals.get("worker busy", 0.0) + value
     return totals
 
 

@@ -18,11 +18,10 @@ Ratios are what to read: absolute times on a shared machine mean little.
 import argparse
 import asyncio
 import bisect
+import contextlib
 import io
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,7 @@ import numpy.typing as npt
 import soundfile as sf
 import soxr
 
+from service.serverproc import proc_status_kb, running_server
 from service.settings import DEFAULT_MODEL_DIR
 
 RATE = 16_000
@@ -167,21 +167,14 @@ def wav_bytes(audio: Int16) -> bytes:
     return buf.getvalue()
 
 
-def _status_kb(pid: int, key: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {key} in /proc/{pid}/status")
-
-
 def rss_mb(pid: int) -> float:
     """Resident memory now, in MB (10^6 bytes; /proc counts KiB)."""
-    return _status_kb(pid, "VmRSS") * 1024 / 1e6
+    return proc_status_kb(pid, "VmRSS") * 1024 / 1e6
 
 
 def hwm_mb(pid: int) -> float:
     """Peak resident memory since start (or the last `reset_hwm`), in MB."""
-    return _status_kb(pid, "VmHWM") * 1024 / 1e6
+    return proc_status_kb(pid, "VmHWM") * 1024 / 1e6
 
 
 def reset_hwm(pid: int) -> bool:
@@ -217,46 +210,18 @@ def sampling_rss(pid: int, interval: float = 0.1) -> Iterator[list[float]]:
         samples.append(hwm_mb(pid))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextmanager
-def serve(model_dir: Path, recording: Recording) -> Iterator[tuple[str, int]]:
-    """`python -m service` on a free port, limits raised to take the whole recording; yields
-    (url, pid) once `/ready` answers."""
-    port = _free_port()
+def serve(model_dir: Path, recording: Recording) -> "contextlib.AbstractContextManager[Any]":
+    """`python -m service` with its limits raised to take the whole recording."""
     upload_limit = max(300 * 1024 * 1024, 2 * recording.path.stat().st_size)
+    seconds = str(max(3600.0, recording.seconds + 60))
     env = {
-        **os.environ,
-        "STT_MODEL_DIR": str(model_dir),
-        "STT_PORT": str(port),
-        "STT_HOST": "127.0.0.1",
         "STT_MAX_UPLOAD_BYTES": str(upload_limit),
-        "STT_MAX_AUDIO_SECONDS": str(max(3600.0, recording.seconds + 60)),
-        "STT_MAX_QUEUED_AUDIO_SECONDS": str(max(3600.0, recording.seconds + 60)),
+        "STT_MAX_AUDIO_SECONDS": seconds,
+        "STT_MAX_QUEUED_AUDIO_SECONDS": seconds,
         "STT_REQUEST_TIMEOUT_S": "3600",
         "STT_MAX_REQUEST_TIMEOUT_S": "3600",
-        "STT_LOG_LEVEL": "warning",
     }
-    proc = subprocess.Popen([sys.executable, "-m", "service"], env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        while True:  # a benchmark may poll: nothing here is asserted on timing
-            if proc.poll() is not None:
-                raise SystemExit(f"service exited with {proc.returncode}")
-            try:
-                if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        yield url, proc.pid
-    finally:
-        proc.terminate()
-        proc.wait(120)
+    return running_server(model_dir, env)
 
 
 def one_request(url: str, recording: Recording) -> list[dict[str, Any]]:
@@ -353,7 +318,8 @@ class Server:
 
 
 def start(stack: ExitStack, model_dir: Path, recording: Recording, warm_up: bytes) -> Server:
-    url, pid = stack.enter_context(serve(model_dir, recording))
+    service = stack.enter_context(serve(model_dir, recording))
+    url, pid = service.url, service.pid
     asyncio.run(_short_requests(url, [warm_up], 1))
     return Server(url, pid, rss_mb(pid))
 

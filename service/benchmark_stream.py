@@ -25,22 +25,18 @@ import math
 import os
 import random
 import shutil
-import socket
 import subprocess
-import sys
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import numpy.typing as npt
-from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 
+from service.serverproc import running_server, scrape
 from service.settings import DEFAULT_MODEL_DIR
 
 RATE = 22_050  # espeak-ng's native rate: the server resamples to the model's rate
@@ -161,12 +157,6 @@ def percentile(values: Sequence[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process (from /proc; NaN where there is none)."""
     try:
@@ -176,36 +166,6 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-@contextmanager
-def running_service(model_dir: Path, max_streams: int) -> Iterator[tuple[str, int]]:
-    """`python -m service` on a free port, ready; yields its URL and pid."""
-    port = _free_port()
-    env = {
-        **os.environ,
-        "STT_MODEL_DIR": str(model_dir),
-        "STT_HOST": "127.0.0.1",
-        "STT_PORT": str(port),
-        "STT_MAX_STREAMS": str(max_streams),
-        "STT_LOG_LEVEL": "warning",
-    }
-    proc = subprocess.Popen([sys.executable, "-m", "service"], env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        while True:  # a benchmark may poll: nothing here is asserted on timing
-            if proc.poll() is not None:
-                raise SystemExit(f"service exited with {proc.returncode}")
-            try:
-                if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        yield url, proc.pid
-    finally:
-        proc.terminate()
-        proc.wait(120)
-
-
 def server_means(url: str) -> dict[str, tuple[float, float]]:
     """(sum, count) of the streaming latency histograms and the batch size, from /metrics."""
     wanted = {
@@ -213,18 +173,12 @@ def server_means(url: str) -> dict[str, tuple[float, float]]:
         "stt_stream_final_latency_seconds",
         "stt_batch_size",
     }
-    found = dict.fromkeys(wanted, (0.0, 0.0))
-    for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=10).text):
-        if family.name not in wanted:
-            continue
-        total = count = 0.0
-        for sample in family.samples:
-            if sample.name.endswith("_sum"):
-                total += sample.value
-            elif sample.name.endswith("_count"):
-                count += sample.value
-        found[family.name] = (total, count)
-    return found
+    totals = {name: [0.0, 0.0] for name in wanted}
+    for name, _, value in scrape(url):
+        family, _, part = name.rpartition("_")
+        if family in wanted and part in ("sum", "count"):
+            totals[family][part == "count"] += value
+    return {name: (total, count) for name, (total, count) in totals.items()}
 
 
 async def stream_session(
@@ -388,7 +342,8 @@ def measure(
 ) -> Row:
     """A fresh service; a warm-up stream; then `count` real-time sessions, measured."""
     chosen = sessions[:count]
-    with running_service(model_dir, max_streams) as (url, pid):
+    with running_server(model_dir, {"STT_MAX_STREAMS": str(max_streams)}) as server:
+        url, pid = server.url, server.pid
         ws_url = url.replace("http://", "ws://") + f"/v1/audio/stream?sample_rate={RATE}"
         asyncio.run(drive(ws_url, sessions[:1], seed, pace=False))  # warm-up, as fast as it goes
         before = server_means(url)

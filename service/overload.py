@@ -39,15 +39,14 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.serverproc import Sample, running_server
 from service.settings import DEFAULT_MODEL_DIR
 from service.soak import (
     CLEAN_EXIT,
     TRANSCRIBE,
     Check,
-    Sample,
     load_clips,
     percentile,
-    running_server,
 )
 
 SHED = (429, 503)

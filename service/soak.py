@@ -35,15 +35,11 @@ import asyncio
 import contextlib
 import io
 import json
-import os
 import random
 import signal
-import socket
-import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,10 +48,10 @@ import httpx
 import numpy as np
 import numpy.typing as npt
 import soundfile as sf
-from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
+from service.serverproc import Sample, Server, running_server, scrape
 from service.settings import DEFAULT_MODEL_DIR
 
 TRANSCRIBE = "/v1/audio/transcriptions"
@@ -95,86 +91,6 @@ SHED = (429, 503)
 
 # ---------------------------------------------------------------------------------------------
 # the server under test
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def proc_status_kb(pid: int, field_name: str) -> int:
-    """A `kB` figure from /proc/<pid>/status (`VmRSS`, `VmHWM`)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field_name + ":"):
-            return int(line.split()[1])
-    raise KeyError(field_name)
-
-
-@dataclass
-class Server:
-    """`python -m service` as a child process on a free port."""
-
-    proc: subprocess.Popen[bytes]
-    url: str
-
-    @property
-    def rss_mb(self) -> float:
-        return proc_status_kb(self.proc.pid, "VmRSS") / 1024
-
-    @property
-    def peak_rss_mb(self) -> float:
-        return proc_status_kb(self.proc.pid, "VmHWM") / 1024
-
-    def stop(self, timeout: float = 120) -> int:
-        """SIGTERM, then the exit status."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        return self.proc.wait(timeout)
-
-
-@contextlib.contextmanager
-def running_server(model_dir: Path, env: dict[str, str]) -> Iterator[Server]:
-    """Start the service with these `STT_*` settings and wait until `/ready` says 200."""
-    port = free_port()
-    full_env = {
-        **os.environ,
-        "STT_MODEL_DIR": str(model_dir),
-        "STT_HOST": "127.0.0.1",
-        "STT_PORT": str(port),
-        "STT_LOG_LEVEL": "warning",
-        **env,
-    }
-    proc = subprocess.Popen([sys.executable, "-m", "service"], env=full_env)
-    server = Server(proc, f"http://127.0.0.1:{port}")
-    try:
-        give_up = time.monotonic() + 300
-        while True:  # a load generator may poll: nothing here is asserted on timing
-            if proc.poll() is not None:
-                raise SystemExit(f"the service exited with {proc.returncode} during start-up")
-            if time.monotonic() > give_up:
-                raise SystemExit("the service did not become ready in 300 s")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(server.url + "/ready", timeout=2).status_code == 200:
-                    break
-            time.sleep(0.2)
-        yield server
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(30)
-
-
-Sample = tuple[str, dict[str, str], float]  # metric name, labels, value
-
-
-def scrape(url: str) -> list[Sample]:
-    text = httpx.get(url + "/metrics", timeout=30).text
-    return [
-        (s.name, dict(s.labels), s.value)
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    ]
 
 
 def gauge(samples: list[Sample], name: str) -> float:
