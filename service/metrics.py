@@ -281,29 +281,8 @@ class Metrics:
     def family_names(self) -> list[str]:
         """Every family this module defines (process collectors excluded), as exposed."""
         names = list(_EngineCollector.NAMES)
-        for collector in (
-            self.requests,
-            self.request_duration,
-            self.rejections,
-            self.cancellations,
-            self.queue_wait,
-            self.batch_size,
-            self.batch_padding,
-            self.stage_duration,
-            self.audio_seconds,
-            self.tokens,
-            self.real_time_factor,
-            self.worker_busy,
-            self.worker_batches,
-            self.worker_restarts,
-            self.worker_failures,
-            self.streams_active,
-            self.streams_opened,
-            self.streams_closed,
-            self.partial_latency,
-            self.final_latency,
-            self.model,
-        ):
+        mine = (Counter, Gauge, Histogram, Info)
+        for collector in (c for c in vars(self).values() if isinstance(c, mine)):
             for metric in collector.describe():  # an info family is exposed as `<name>_info`
                 names.append(f"{metric.name}_info" if metric.type == "info" else metric.name)
         return names

@@ -6,6 +6,7 @@ BERT, GPT-2, BART decoders) and any `AutoModelForSpeechSeq2Seq` folder fed `inpu
 """
 
 import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -162,7 +163,6 @@ class ModelAdapter:
         self._check_generation_ids()
         self.max_target_length = self._max_target_length(config)
         self.info = self._describe(name, config)
-        self.min_samples = self._min_samples()
         log.info(
             "loaded %s (%s) on %s as %s", name, self.info.architecture, self.device, self.dtype
         )
@@ -219,8 +219,9 @@ class ModelAdapter:
         value = getattr(self.model.generation_config, "max_new_tokens", None)
         return int(value) if value else 128
 
+    @functools.cached_property
     @torch.inference_mode()
-    def _min_samples(self) -> int:
+    def min_samples(self) -> int:
         """The shortest input (samples) the encoder accepts, found by trying it.
 
         Convolutional front ends need a minimum length (wav2vec2-base: 400 samples, its

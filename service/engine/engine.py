@@ -12,7 +12,7 @@ import torch
 from service.engine.adapter import ModelAdapter, ModelInfo
 from service.engine.pool import WorkerPool
 from service.engine.scheduler import Scheduler
-from service.engine.types import GenerationParams, Job, Transcript
+from service.engine.types import GenerationParams, Job, Transcript, call_soon
 from service.errors import BadAudio, DeadlineExceeded, Overloaded, Unavailable
 from service.metrics import EngineState, Metrics, WorkerState
 from service.settings import Settings
@@ -95,6 +95,8 @@ class Engine:
                 adapter.warm_up()
                 log.info("warmed up on %s in %.2f s", device, time.monotonic() - started)
             adapters.append(adapter)
+        # probed once, at start-up, on the replica that validates requests
+        log.info("the encoder takes inputs of %d samples or more", first.min_samples)
         return cls(settings, adapters, metrics)
 
     def start(self) -> None:
@@ -147,8 +149,7 @@ class Engine:
             sink = tokens
 
             def on_token(token: int) -> None:  # worker thread → event loop
-                if not loop.is_closed():
-                    loop.call_soon_threadsafe(sink.put_nowait, token)
+                call_soon(loop, sink.put_nowait, token)
 
             job.on_token = on_token
         self.scheduler.submit(job)

@@ -81,14 +81,14 @@ class Job:
 
     def resolve(self, result: Transcript) -> None:
         """Hand the result to the waiting coroutine (callable from any thread)."""
-        _call_soon(self.loop, _set_result, self.future, result)
+        call_soon(self.loop, _set_result, self.future, result)
 
     def fail(self, error: BaseException) -> None:
         """Hand an error to the waiting coroutine (callable from any thread)."""
-        _call_soon(self.loop, _set_exception, self.future, error)
+        call_soon(self.loop, _set_exception, self.future, error)
 
 
-def _call_soon(
+def call_soon(
     loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args: object
 ) -> None:
     """`call_soon_threadsafe`, except that a closed loop (nobody left to tell) is no error:
