@@ -134,7 +134,8 @@ def test_overload_rejects_fast(overload: dict[str, Any]) -> None:
             # cores shared with a load generator at 4x capacity: bound it by a third of the 3 s
             # deadline, the point being that a refused client learns long before an accepted
             # one is answered
-            assert phase["reject_p50_ms"] < 50, name
+            if phase["shed_429"] + phase["shed_503"] >= 100:  # a median of a few is noise
+                assert phase["reject_p50_ms"] < 50, name
             assert phase["reject_p99_ms"] < 1000, (name, phase["reject_p50_ms"])
 
 
