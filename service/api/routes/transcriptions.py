@@ -146,7 +146,8 @@ async def _handle(
     engine.adapter.validate(params)
     # refuse overload before paying for decoding (which would slow the workers further);
     # `EarlyAdmission` did the same before the body was parsed, with the default deadline
-    engine.scheduler.admit(engine.deadline(timeout))
+    deadline = engine.deadline(timeout)  # decoding counts against the request's time too
+    engine.scheduler.admit(deadline)
     started = time.perf_counter()
     try:
         async with request.app.state.decode_gate.slot():
@@ -175,7 +176,7 @@ async def _handle(
         results = engine.transcribe_pieces(
             [audio[w.start : w.end] for w in windows],
             params,
-            timeout=timeout,
+            deadline=deadline,
             client_gone=None if stream else lambda: _disconnected(request),
         )
         spans = [(w.speech_start / rate, w.speech_end / rate) for w in windows]
@@ -189,11 +190,11 @@ async def _handle(
             return Response(status_code=499)
     elif stream:
         tokens: asyncio.Queue[int] = asyncio.Queue()
-        job = engine.submit(audio, params, timeout=timeout, tokens=tokens)  # 429/503 as JSON
+        job = engine.submit(audio, params, deadline=deadline, tokens=tokens)  # 429/503 as JSON
         return _event_stream(_token_events(engine, job, tokens, record))
     else:
         try:
-            job = engine.submit(audio, params, timeout=timeout)
+            job = engine.submit(audio, params, deadline=deadline)
             result = await engine.result(job, client_gone=lambda: _disconnected(request))
         except ClientGone:
             return Response(status_code=499)  # nobody reads it; ends the request cleanly
