@@ -229,7 +229,6 @@ class Engine:
         params: GenerationParams,
         *,
         timeout: float | None = None,
-        deadline: float | None = None,
         client_gone: Callable[[], Awaitable[object]] | None = None,
     ) -> AsyncIterator[Transcript]:
         """Transcribe the windows of one long request; yields their transcripts in order.
@@ -242,7 +241,7 @@ class Engine:
         for room until the deadline. Leaving early (the consumer stops, the client goes, the
         deadline passes) cancels every window still queued or running.
         """
-        deadline = deadline or self.deadline(timeout)
+        deadline = self.deadline(timeout)
         started = time.monotonic()
         gone = asyncio.ensure_future(client_gone()) if client_gone is not None else None
         window = max(1, self.settings.max_batch_size)

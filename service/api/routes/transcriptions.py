@@ -146,8 +146,7 @@ async def _handle(
     engine.adapter.validate(params)
     # refuse overload before paying for decoding (which would slow the workers further);
     # `EarlyAdmission` did the same before the body was parsed, with the default deadline
-    deadline = engine.deadline(timeout)  # decoding counts against the request's time too
-    engine.scheduler.admit(deadline)
+    engine.scheduler.admit(engine.deadline(timeout))
     started = time.perf_counter()
     try:
         async with request.app.state.decode_gate.slot():
@@ -176,7 +175,7 @@ async def _handle(
         results = engine.transcribe_pieces(
             [audio[w.start : w.end] for w in windows],
             params,
-            deadline=deadline,
+            timeout=timeout,
             client_gone=None if stream else lambda: _disconnected(request),
         )
         spans = [(w.speech_start / rate, w.speech_end / rate) for w in windows]
@@ -190,11 +189,11 @@ async def _handle(
             return Response(status_code=499)
     elif stream:
         tokens: asyncio.Queue[int] = asyncio.Queue()
-        job = engine.submit(audio, params, deadline=deadline, tokens=tokens)  # 429/503 as JSON
+        job = engine.submit(audio, params, timeout=timeout, tokens=tokens)  # 429/503 as JSON
         return _event_stream(_token_events(engine, job, tokens, record))
     else:
         try:
-            job = engine.submit(audio, params, deadline=deadline)
+            job = engine.submit(audio, params, timeout=timeout)
             result = await engine.result(job, client_gone=lambda: _disconnected(request))
         except ClientGone:
             return Response(status_code=499)  # nobody reads it; ends the request cleanly
