@@ -135,7 +135,7 @@ def test_overload_rejects_fast(overload: dict[str, Any]) -> None:
             # deadline, the point being that a refused client learns long before an accepted
             # one is answered
             if phase["shed_429"] + phase["shed_503"] >= 100:  # a median of a few is noise
-                assert phase["reject_p50_ms"] < 50, name
+                assert phase["reject_p50_ms"] < 250, name
             assert phase["reject_p99_ms"] < 1000, (name, phase["reject_p50_ms"])
 
 
