@@ -1,9 +1,9 @@
-"""Short runs of the soak and overload scripts (`service/soak.py`, `service/overload.py`).
+"""Short runs of the soak and overload scripts (`bench/soak.py`, `bench/overload.py`).
 
 Each script runs once per module as a subprocess (the bundled model, a real `python -m service`)
 and writes its figures as JSON; each test asserts one property on those figures, so a failure
-names the property and its numbers. The full-size runs are `python -m service.soak` and
-`python -m service.overload` with their defaults. Together these take about 45 s on 2 cores.
+names the property and its numbers. The full-size runs are `python -m bench.soak` and
+`python -m bench.overload` with their defaults. Together these take about 45 s on 2 cores.
 """
 
 import json
@@ -42,13 +42,13 @@ def run_script(module: str, args: list[str], out: Path) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def soak(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    return run_script("service.soak", SOAK, tmp_path_factory.mktemp("soak") / "soak.json")
+    return run_script("bench.soak", SOAK, tmp_path_factory.mktemp("soak") / "soak.json")
 
 
 @pytest.fixture(scope="module")
 def overload(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("overload") / "overload.json"
-    return run_script("service.overload", OVERLOAD, out)
+    return run_script("bench.overload", OVERLOAD, out)
 
 
 # ---------------------------------------------------------------------------------------------

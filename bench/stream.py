@@ -1,7 +1,7 @@
 """Benchmark: live transcription latency of N concurrent real-time websocket sessions.
 
-    python -m service.benchmark_stream                         # 1, 4, 8 and 16 sessions
-    python -m service.benchmark_stream --sessions 1 4 16 --json stream.json
+    python -m bench.stream                         # 1, 4, 8 and 16 sessions
+    python -m bench.stream --sessions 1 4 16 --json stream.json
 
 For each N a fresh `python -m service` is started and N clients each stream about
 `--seconds-per-session` of spoken commands (espeak-ng, the bundled model's domain, each phrase
@@ -36,7 +36,7 @@ import numpy as np
 import numpy.typing as npt
 from websockets.asyncio.client import connect
 
-from service.serverproc import running_server, scrape
+from bench.serverproc import running_server, scrape
 from service.settings import DEFAULT_MODEL_DIR
 
 RATE = 22_050  # espeak-ng's native rate: the server resamples to the model's rate
@@ -414,7 +414,7 @@ def verdict(row: Row) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m service.benchmark_stream",
+        prog="python -m bench.stream",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -1,7 +1,7 @@
 """Overload: offered far more than it can serve, the service sheds fast and recovers at once.
 
-    python -m service.overload                       # 20 s at 4x capacity, then 20 s at 0.5x
-    python -m service.overload --seconds 4 --json overload.json
+    python -m bench.overload                       # 20 s at 4x capacity, then 20 s at 0.5x
+    python -m bench.overload --seconds 4 --json overload.json
 
 Starts `python -m service` on a free port (the bundled model unless `--model`, default settings
 but a request deadline of `--deadline` seconds, `STT_REQUEST_TIMEOUT_S`), then:
@@ -39,15 +39,15 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.serverproc import Sample, running_server
-from service.settings import DEFAULT_MODEL_DIR
-from service.soak import (
+from bench.serverproc import Sample, running_server
+from bench.soak import (
     CLEAN_EXIT,
     TRANSCRIBE,
     Check,
     load_clips,
     percentile,
 )
+from service.settings import DEFAULT_MODEL_DIR
 
 SHED = (429, 503)
 THROUGHPUT_TOLERANCE = 0.9  # completions trail arrivals by a latency: allow for the window edges
@@ -512,7 +512,7 @@ def print_report(r: Report) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m service.overload",
+        prog="python -m bench.overload",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

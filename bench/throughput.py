@@ -1,7 +1,7 @@
 """Benchmark: the batching service vs one request at a time vs offline `generate`, side by side.
 
-    python -m service.benchmark                      # the bundled model
-    python -m service.benchmark --base-size          # random wav2vec2-base + BERT-base shape
+    python -m bench.throughput                      # the bundled model
+    python -m bench.throughput --base-size          # random wav2vec2-base + BERT-base shape
 
 Each row is measured in the same run on the same clips: (a) the service with dynamic batching,
 (b) the same service with `max_batch_size=1` and one worker (a plain FastAPI + `generate`
@@ -24,7 +24,7 @@ import httpx
 import numpy as np
 import soundfile as sf
 
-from service.serverproc import proc_status_kb, running_server, scrape
+from bench.serverproc import proc_status_kb, running_server, scrape
 from service.settings import DEFAULT_MODEL_DIR
 
 RATE = 16_000
@@ -224,7 +224,7 @@ def build_base_size(out_dir: Path, tokens: int) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m service.benchmark",
+        prog="python -m bench.throughput",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

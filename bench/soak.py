@@ -1,7 +1,7 @@
 """Soak: thousands of mixed requests and live streams against one server; nothing lost or leaked.
 
-    python -m service.soak                           # 3000 requests, 64 in flight, 8 streams
-    python -m service.soak --requests 300 --concurrency 32 --streams 2 --json soak.json
+    python -m bench.soak                           # 3000 requests, 64 in flight, 8 streams
+    python -m bench.soak --requests 300 --concurrency 32 --streams 2 --json soak.json
 
 Starts `python -m service` on a free port (the bundled model unless `--model`), with a queue and
 deadline generous enough that good requests are never shed, and warms it up: each sample alone
@@ -51,7 +51,7 @@ import soundfile as sf
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
-from service.serverproc import Sample, Server, running_server, scrape
+from bench.serverproc import Sample, Server, running_server, scrape
 from service.settings import DEFAULT_MODEL_DIR
 
 TRANSCRIBE = "/v1/audio/transcriptions"
@@ -792,7 +792,7 @@ def print_report(r: Report) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m service.soak",
+        prog="python -m bench.soak",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -1,7 +1,7 @@
 """Benchmark: one long upload (windows cut at pauses) vs the same speech as short requests.
 
-    python -m service.benchmark_long                       # an hour of speech, the bundled model
-    python -m service.benchmark_long --minutes 20 --concurrency 16
+    python -m bench.long_audio                       # an hour of speech, the bundled model
+    python -m bench.long_audio --minutes 20 --concurrency 16
 
 A recording of `--minutes` minutes is built from the bundled model's own phrases (espeak-ng,
 each phrase spoken once and tiled with seeded pauses of 0.8-2 s) and written, as a 16 kHz 16-bit
@@ -39,7 +39,7 @@ import numpy.typing as npt
 import soundfile as sf
 import soxr
 
-from service.serverproc import proc_status_kb, running_server
+from bench.serverproc import proc_status_kb, running_server
 from service.settings import DEFAULT_MODEL_DIR
 
 RATE = 16_000
@@ -455,7 +455,7 @@ def print_report(report: Report) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m service.benchmark_long",
+        prog="python -m bench.long_audio",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

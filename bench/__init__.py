@@ -1,0 +1,1 @@
+"""Benchmark, soak and overload scripts: they drive a real server and are not shipped."""
