@@ -77,7 +77,7 @@ GOOD_KINDS: dict[str, float] = {
 # Bad kinds: weight, and the documented status and error `code` (README, Errors).
 BAD_KINDS: dict[str, tuple[float, int, str]] = {
     "empty-file": (3, 400, "bad_audio"),
-    "random-bytes": (3, 415, "unsupported_media_type"),
+    "random-bytes": (3, 400, "unsupported_media_type"),
     "truncated-wav": (3, 400, "bad_audio"),
     "too-short": (3, 400, "bad_audio"),
     "unknown-model": (3, 404, "model_not_found"),

@@ -40,9 +40,13 @@ class BadAudio(ServiceError):
 
 
 class UnsupportedMediaType(ServiceError):
-    """The upload is in no audio container we can decode."""
+    """The upload is in no audio container (or codec) we accept.
 
-    status = 415
+    A 400, as OpenAI answers undecodable files, so clients catching `BadRequestError` see it;
+    the code `unsupported_media_type` tells it apart from corrupt audio (`bad_audio`).
+    """
+
+    status = 400
     type = "invalid_request_error"
     code = "unsupported_media_type"
 

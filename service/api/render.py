@@ -1,9 +1,18 @@
 """Render a transcript in each OpenAI response format: json, text, verbose_json, srt, vtt."""
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
-from service.api.schemas import Segment, TranscriptionJSON, TranscriptionVerbose, Usage
+from service.api.schemas import (
+    InputTokenDetails,
+    Segment,
+    TokenLogprob,
+    TokenUsage,
+    TranscriptionJSON,
+    TranscriptionVerbose,
+    Usage,
+    Word,
+)
 from service.engine.types import Task, Transcript
 
 ResponseFormat = Literal["json", "text", "verbose_json", "srt", "vtt"]
@@ -16,6 +25,7 @@ class Piece:
     start: float
     end: float
     transcript: Transcript
+    offset: float = 0.0  # where the transcribed audio begins: its word times count from here
 
 
 def joined_text(pieces: list[Piece]) -> str:
@@ -43,12 +53,63 @@ def segment(index: int, piece: Piece, temperature: float) -> Segment:
     )
 
 
-def as_json(pieces: list[Piece], duration: float) -> TranscriptionJSON:
-    return TranscriptionJSON(text=joined_text(pieces), usage=Usage(seconds=round(duration, 3)))
+def token_logprobs(
+    tokenizer: Any, tokens: list[int], logprobs: list[float]
+) -> list[TokenLogprob]:
+    """Each token's share of the text (what decoding it adds to the tokens before it, so
+    a WordPiece `##s` is `s` and a word-level token carries its space) with its log-probability.
+
+    The shares of a sequence join to its decoded text (before stripping).
+    """
+    items = []
+    before = ""
+    for index, logprob in enumerate(logprobs):
+        text = str(tokenizer.decode(tokens[: index + 1], skip_special_tokens=True))
+        share = text[len(before) :] if text.startswith(before) else text
+        before = text
+        items.append(TokenLogprob(token=share, logprob=logprob, bytes=list(share.encode())))
+    return items
+
+
+def token_usage(audio_tokens: int, output_tokens: int) -> TokenUsage:
+    return TokenUsage(
+        input_tokens=audio_tokens,
+        output_tokens=output_tokens,
+        total_tokens=audio_tokens + output_tokens,
+        input_token_details=InputTokenDetails(audio_tokens=audio_tokens),
+    )
+
+
+def word_timings(pieces: list[Piece]) -> list[Word]:
+    """Every window's word timings, moved to the whole audio's clock."""
+    return [
+        Word(
+            word=w.word,
+            start=round(p.offset + w.start, 3),
+            end=round(p.offset + w.end, 3),
+        )
+        for p in pieces
+        for w in p.transcript.words or []
+    ]
+
+
+def as_json(
+    pieces: list[Piece], duration: float, logprobs: list[TokenLogprob] | None = None
+) -> TranscriptionJSON:
+    return TranscriptionJSON(
+        text=joined_text(pieces), usage=Usage(seconds=round(duration, 3)), logprobs=logprobs
+    )
 
 
 def as_verbose(
-    pieces: list[Piece], duration: float, task: Task, language: str, temperature: float
+    pieces: list[Piece],
+    duration: float,
+    task: Task,
+    language: str,
+    temperature: float,
+    *,
+    words: bool = False,
+    logprobs: list[TokenLogprob] | None = None,
 ) -> TranscriptionVerbose:
     return TranscriptionVerbose(
         task=task,
@@ -57,6 +118,8 @@ def as_verbose(
         text=joined_text(pieces),
         segments=segments(pieces, temperature),
         usage=Usage(seconds=round(duration, 3)),
+        words=word_timings(pieces) if words else None,
+        logprobs=logprobs,
     )
 
 

@@ -10,9 +10,34 @@ class Usage(BaseModel):
     seconds: float
 
 
+class TokenLogprob(BaseModel):
+    """One generated token's text, its UTF-8 bytes and its log-probability (OpenAI's shape)."""
+
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class InputTokenDetails(BaseModel):
+    audio_tokens: int
+    text_tokens: int = 0
+
+
+class TokenUsage(BaseModel):
+    """Usage in tokens, as OpenAI reports it on `transcript.text.done`: the audio's encoder
+    frames (what the decoder attends to) as input tokens, generated tokens as output."""
+
+    type: Literal["tokens"] = "tokens"
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+    input_token_details: InputTokenDetails
+
+
 class TranscriptionJSON(BaseModel):
     text: str
     usage: Usage
+    logprobs: list[TokenLogprob] | None = None
 
 
 class Segment(BaseModel):
@@ -28,6 +53,12 @@ class Segment(BaseModel):
     no_speech_prob: float = 0.0
 
 
+class Word(BaseModel):
+    word: str
+    start: float
+    end: float
+
+
 class TranscriptionVerbose(BaseModel):
     task: str
     language: str
@@ -35,6 +66,8 @@ class TranscriptionVerbose(BaseModel):
     text: str
     segments: list[Segment]
     usage: Usage
+    words: list[Word] | None = None
+    logprobs: list[TokenLogprob] | None = None
 
 
 class ModelCard(BaseModel):
@@ -92,6 +125,7 @@ TRANSCRIPT_EVENT: dict[str, object] = {
             "contentSchema": {
                 "oneOf": [
                     _event("transcript.text.delta", delta=_STRING),
+                    # with include[]=logprobs, deltas and done carry `logprobs` too
                     _event(
                         "transcript.text.segment",
                         id=_STRING,
@@ -99,7 +133,11 @@ TRANSCRIPT_EVENT: dict[str, object] = {
                         end=_NUMBER,
                         text=_STRING,
                     ),
-                    _event("transcript.text.done", text=_STRING),
+                    _event(
+                        "transcript.text.done",
+                        text=_STRING,
+                        usage=TokenUsage.model_json_schema(ref_template="#/$defs/{model}"),
+                    ),
                     _event("error", error=ErrorDetail.model_json_schema()),
                 ]
             },
@@ -114,11 +152,14 @@ not the whole body as a string; clients and schemathesis validate each event aga
 ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
     status: {"model": ErrorBody, "description": what}
     for status, what in (
-        (400, "Invalid field or undecodable audio"),
+        (
+            400,
+            "Invalid or unsupported field, or undecodable audio (bad_audio, "
+            "unsupported_media_type)",
+        ),
         (401, "Missing or invalid API key (when keys are configured)"),
         (404, "Unknown model"),
         (413, "Upload or audio too large"),
-        (415, "Not a supported audio format"),
         (429, "Overloaded: retry after the Retry-After header's seconds"),
         (500, "The model failed on this request's batch"),
         (503, "Not ready, shutting down, or no worker alive"),

@@ -22,7 +22,7 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["Window", "frame_levels", "plan_windows"]
+__all__ = ["Window", "frame_levels", "has_speech", "plan_windows", "voiced_frames"]
 
 FRAME_SECONDS: Final = 0.02
 ABSOLUTE_FLOOR_DB: Final = -50.0  # quieter than this is never speech
@@ -64,22 +64,29 @@ def plan_windows(
     max_window: float,
     min_pause: float = 0.3,
     search: float = 5.0,
+    pad_before: float = PAD_BEFORE,
+    margin_db: float = NOISE_MARGIN_DB,
 ) -> list[Window]:
     """Windows covering every stretch of speech in `audio`, each at most `max_window` seconds.
 
-    Silence-only audio gives no windows. Windows never overlap and come in time order.
+    Every pause of `min_pause` seconds or more ends a window; each window keeps `pad_before`
+    seconds of audio before its speech; a frame is speech when it stands `margin_db` above the
+    file's noise floor (and above `ABSOLUTE_FLOOR_DB`). Silence-only audio gives no windows.
+    Windows never overlap and come in time order.
     """
     if max_window <= 0 or min_pause <= 0 or search <= 0:
         raise ValueError("max_window, min_pause and search must be positive")
+    if pad_before < 0 or margin_db < 0:
+        raise ValueError("pad_before and margin_db must not be negative")
     frame = max(1, round(rate * FRAME_SECONDS))
     levels = frame_levels(audio, frame)
     if levels.size == 0:
         return []
-    speech = _speech_frames(levels)
+    speech = _speech_frames(levels, margin_db)
     min_gap = round(min_pause / FRAME_SECONDS)
     regions = _regions(speech, min_gap, round(MIN_SPEECH_SECONDS / FRAME_SECONDS))
     limit = int(max_window * rate)
-    pad_before, pad_after = int(PAD_BEFORE * rate), int(PAD_AFTER * rate)
+    before, after = int(pad_before * rate), int(PAD_AFTER * rate)
     windows: list[Window] = []
     for index, (first, last) in enumerate(regions):
         lo = first * frame
@@ -87,20 +94,22 @@ def plan_windows(
         # padding stops halfway to the neighbouring stretches of speech
         prev_hi = regions[index - 1][1] * frame + frame if index else 0
         next_lo = regions[index + 1][0] * frame if index + 1 < len(regions) else len(audio)
-        start = max(lo - pad_before, (prev_hi + lo) // 2, 0)
-        end = min(hi + pad_after, (hi + next_lo) // 2, len(audio))
+        start = max(lo - before, (prev_hi + lo) // 2, 0)
+        end = min(hi + after, (hi + next_lo) // 2, len(audio))
         windows.extend(_split(levels, frame, rate, start, end, lo, hi, limit, search))
     return windows
 
 
-def _speech_frames(levels: npt.NDArray[np.float64]) -> npt.NDArray[np.bool_]:
+def _speech_frames(
+    levels: npt.NDArray[np.float64], margin_db: float = NOISE_MARGIN_DB
+) -> npt.NDArray[np.bool_]:
     """Frames loud enough to be speech: above the absolute floor and the file's noise floor.
 
     The noise floor is a low percentile of the frame levels: a recording of speech has pauses,
     and the quietest tenth of its frames is the room, not the talker.
     """
     floor = float(np.percentile(levels, 10))
-    return np.asarray(levels > max(ABSOLUTE_FLOOR_DB, floor + NOISE_MARGIN_DB))
+    return np.asarray(levels > max(ABSOLUTE_FLOOR_DB, floor + margin_db))
 
 
 def _regions(speech: npt.NDArray[np.bool_], min_gap: int, min_length: int) -> list[tuple[int, int]]:
@@ -148,3 +157,25 @@ def _split(
         start = lo = cut
     windows.append(Window(start, end, max(lo, start), min(hi, end)))
     return windows
+
+
+def has_speech(audio: npt.NDArray[np.float32], rate: int) -> bool:
+    """Whether `audio` holds anything that may be speech, by the detector `plan_windows` uses.
+
+    False for digital silence, for audio quieter than `ABSOLUTE_FLOOR_DB` throughout, and for
+    steady non-speech (hiss, hum, a held tone): speech rises and falls by syllable, so some of its
+    frames stand `NOISE_MARGIN_DB` above its own quietest tenth, and a steady sound's do not.
+    Such audio is answered with no words rather than handed to a model, which, trained only on
+    speech, would make words up.
+    """
+    frame = max(1, round(rate * FRAME_SECONDS))
+    levels = frame_levels(audio, frame)
+    if levels.size == 0:
+        return bool(np.abs(audio).max(initial=0.0) > 10 ** (ABSOLUTE_FLOOR_DB / 20))
+    return int(_speech_frames(levels).sum()) * FRAME_SECONDS >= MIN_SPEECH_SECONDS
+
+
+def voiced_frames(audio: npt.NDArray[np.float32], rate: int) -> npt.NDArray[np.bool_]:
+    """Per `FRAME_SECONDS` frame, whether the detector of `plan_windows` hears it as speech."""
+    levels = frame_levels(audio, max(1, round(rate * FRAME_SECONDS)))
+    return _speech_frames(levels) if levels.size else np.zeros(0, dtype=bool)

@@ -21,6 +21,8 @@ from transformers import (
     AutoFeatureExtractor,
     AutoModelForSpeechSeq2Seq,
     AutoTokenizer,
+    LogitsProcessor,
+    LogitsProcessorList,
     PreTrainedModel,
     SpeechEncoderDecoderModel,
     StoppingCriteria,
@@ -29,8 +31,10 @@ from transformers import (
 from transformers.generation.streamers import BaseStreamer
 from transformers.modeling_outputs import BaseModelOutput
 
+from service.audio.windows import FRAME_SECONDS, voiced_frames
+from service.engine import align
 from service.engine.buckets import bucket_samples
-from service.engine.types import GenerationParams
+from service.engine.types import GenerationParams, WordTiming
 from service.errors import InvalidRequest, StartupError, Unsupported
 
 log = logging.getLogger(__name__)
@@ -51,6 +55,7 @@ class Decoded:
     text: str
     tokens: list[int]
     logprobs: list[float]
+    words: list[WordTiming] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,24 +87,42 @@ class _Cancelled(StoppingCriteria):
         return done.to(input_ids.device)
 
 
-TokenSink = Callable[[int], None]
+TokenSink = Callable[[int, float], None]
+
+
+class _LastLogprobs(LogitsProcessor):
+    """Keeps the log-softmax of the last step's final scores (after every other processor and
+    warper), so a streamed token carries the log-probability `compute_transition_scores`
+    gives it at the end. Leaves the scores as they are."""
+
+    def __init__(self) -> None:
+        self.logprobs: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> Any:
+        self.logprobs = scores.float().log_softmax(-1)
+        return scores
 
 
 class _RowStreamer(BaseStreamer):
-    """Hands each row's newly generated token to that row's sink, until the row ends.
+    """Hands each row's newly generated token and its log-probability to that row's sink,
+    until the row ends.
 
     `generate` calls `put` first with the decoder prompt (2-D, skipped), then once per step with
     one token per row; a row that has emitted EOS is then padded, and those pads are not passed on.
     """
 
-    def __init__(self, sinks: Sequence[TokenSink | None], eos: set[int]) -> None:
+    def __init__(
+        self, sinks: Sequence[TokenSink | None], eos: set[int], scores: _LastLogprobs
+    ) -> None:
         self.sinks = sinks
         self.eos = eos
+        self.scores = scores
         self.finished = [sink is None for sink in sinks]
 
     def put(self, value: torch.Tensor) -> None:
         if value.dim() != 1:
             return
+        logprobs = self.scores.logprobs
         for row, token in enumerate(value.tolist()):
             sink = self.sinks[row]
             if self.finished[row] or sink is None:
@@ -107,7 +130,8 @@ class _RowStreamer(BaseStreamer):
             if token in self.eos:
                 self.finished[row] = True
                 continue
-            sink(int(token))
+            logprob = float(logprobs[row, token]) if logprobs is not None else 0.0
+            sink(int(token), round(logprob, 4))
 
     def end(self) -> None:
         self.finished = [True] * len(self.sinks)
@@ -410,7 +434,9 @@ class ModelAdapter:
         if wanted is not None:
             kwargs["stopping_criteria"] = StoppingCriteriaList([_Cancelled(wanted, len(audios))])
         if any(sinks) and params.num_beams == 1:
-            kwargs["streamer"] = _RowStreamer(sinks, self._eos_ids())
+            last = _LastLogprobs()
+            kwargs["logits_processor"] = LogitsProcessorList([last])
+            kwargs["streamer"] = _RowStreamer(sinks, self._eos_ids(), last)
         encoded_before = self._clock.get("encoder", 0.0)
         started = time.perf_counter()
         if params.do_sample and params.seed is not None:
@@ -424,6 +450,11 @@ class ModelAdapter:
         started = time.perf_counter()
         rows = self._decode(out)
         self._tick("detokenize", time.perf_counter() - started)
+        if params.words:
+            started = time.perf_counter()
+            for audio, row in zip(audios, rows, strict=True):
+                row.words = self.word_timings(audio, row.tokens)
+            self._tick("align", time.perf_counter() - started)
         if timings is not None:
             timings.update(self._clock)
         return rows
@@ -466,6 +497,71 @@ class ModelAdapter:
             "encoder_outputs": BaseModelOutput(last_hidden_state=hidden),
             "attention_mask": mask,
         }
+
+    def encoder_frames(self, samples: int) -> int:
+        """How many encoder frames (the audio tokens the decoder attends to) `samples` make."""
+        encoder = self.model.get_encoder()
+        lengths = getattr(encoder, "_get_feat_extract_output_lengths", None)
+        if lengths is not None:  # wav2vec2 family: the convolutional front end's arithmetic
+            return int(lengths(torch.tensor([samples])).item())
+        hop = int(getattr(self.feature_extractor, "hop_length", 160))
+        strides = 2  # Whisper: two convolutions, the second with stride 2
+        if self.model.config.model_type == "speech_to_text":
+            strides = 2 ** int(self.model.config.num_conv_layers)
+        return max(1, -(-samples // hop // strides))
+
+    @torch.inference_mode()
+    def word_timings(self, audio: np.ndarray, tokens: list[int]) -> list[WordTiming]:
+        """When each word of `tokens` (a transcript of `audio`) is spoken.
+
+        The decoder runs once more over the start token(s) and `tokens`, returning its
+        cross-attention; `align.word_times` turns the attention of the positions that predict
+        each token and end-of-text into word times (DTW, as Whisper does), and pulls each
+        word's edges onto the sound the energy detector hears, so that pauses stay outside words.
+        """
+        if not tokens:
+            return []
+        feats = self.features([audio])
+        start = self.model.generation_config.decoder_start_token_id
+        prompt = [start] if isinstance(start, int) else list(start)
+        decoder_ids = torch.tensor([[*prompt, *tokens]], device=self.device)
+        out = self._with_attention_weights(feats, decoder_ids)
+        if not out.cross_attentions or out.cross_attentions[0] is None:
+            return []
+        frames = min(self.encoder_frames(len(audio)), out.cross_attentions[0].shape[-1])
+        rows = slice(len(prompt) - 1, len(prompt) + len(tokens))  # predict tokens, then EOS
+        attention = torch.cat([a[0, :, rows, :frames] for a in out.cross_attentions])
+        shares = []
+        before = ""
+        for index in range(len(tokens)):
+            text = str(self.tokenizer.decode(tokens[: index + 1], skip_special_tokens=True))
+            shares.append(text[len(before) :] if text.startswith(before) else text)
+            before = text
+        seconds = len(audio) / self.info.sampling_rate
+        timed = align.word_times(
+            attention.float().cpu().numpy().astype(np.float64),
+            shares,
+            seconds_per_frame=seconds / max(1, frames),
+            voiced=voiced_frames(audio, self.info.sampling_rate),
+            voiced_frame_seconds=FRAME_SECONDS,
+        )
+        return [WordTiming(word, min(s, seconds), min(e, seconds)) for word, s, e in timed]
+
+    def _with_attention_weights(
+        self, feats: dict[str, torch.Tensor], decoder_ids: torch.Tensor
+    ) -> Any:
+        """One teacher-forced forward that returns attention weights: fused attention kernels
+        (sdpa) do not return them, so the replica (owned by this worker thread alone) runs the
+        eager implementation for this call."""
+        config = self.model.config
+        before = getattr(config, "_attn_implementation", None)
+        if before in (None, "eager"):
+            return self.model(**feats, decoder_input_ids=decoder_ids, output_attentions=True)
+        self.model.set_attn_implementation("eager")
+        try:
+            return self.model(**feats, decoder_input_ids=decoder_ids, output_attentions=True)
+        finally:
+            self.model.set_attn_implementation(before)
 
     def _eos_ids(self) -> set[int]:
         eos = self.model.generation_config.eos_token_id

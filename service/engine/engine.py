@@ -118,13 +118,14 @@ class Engine:
         timeout: float | None = None,
         deadline: float | None = None,
         priority: int = 0,
-        tokens: "asyncio.Queue[int] | None" = None,
+        tokens: "asyncio.Queue[tuple[int, float]] | None" = None,
     ) -> Job:
         """Queue the audio (raises `Overloaded`/`Unavailable` at once); await it with `result`.
 
         The deadline is `deadline` (monotonic time) if given, else now + `timeout` (default
         and cap from the settings). With `tokens`, each generated token id is put on that queue
-        as it is generated (for streamed responses; greedy and sampling only).
+        with its log-probability as it is generated (for streamed responses; greedy and
+        sampling only).
         """
         if not self.ready:
             raise Unavailable("no model worker is ready")
@@ -148,8 +149,8 @@ class Engine:
         if tokens is not None:
             sink = tokens
 
-            def on_token(token: int) -> None:  # worker thread → event loop
-                call_soon(loop, sink.put_nowait, token)
+            def on_token(token: int, logprob: float) -> None:  # worker thread → event loop
+                call_soon(loop, sink.put_nowait, (token, logprob))
 
             job.on_token = on_token
         self.scheduler.submit(job)

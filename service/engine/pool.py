@@ -128,6 +128,7 @@ class Worker:
                     queue_seconds=max(0.0, started - job.enqueued_at),
                     compute_seconds=elapsed,
                     batch_size=len(jobs),
+                    words=row.words,
                 )
             )
         self.pool.after_batch(self, jobs, elapsed)

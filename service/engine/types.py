@@ -28,15 +28,28 @@ class GenerationParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     prompt: str | None = None
+    words: bool = False  # word timestamps (cross-attention alignment after decoding)
 
     def batch_key(self) -> tuple[object, ...]:
         """Everything that must be equal within a batch (all fields: they all change decoding)."""
         return dataclasses.astuple(self)
 
 
+@dataclasses.dataclass(frozen=True)
+class WordTiming:
+    """One word of a transcript and when it is spoken (seconds from the audio's start)."""
+
+    word: str
+    start: float
+    end: float
+
+
 @dataclasses.dataclass
 class Transcript:
-    """One request's result: text, token ids with their log-probabilities, and timings."""
+    """One request's result: text, token ids with their log-probabilities, and timings.
+
+    `words` is filled only when word timestamps were asked for (`GenerationParams.words`).
+    """
 
     text: str
     tokens: list[int]
@@ -46,6 +59,7 @@ class Transcript:
     queue_seconds: float = 0.0
     compute_seconds: float = 0.0
     batch_size: int = 1
+    words: list[WordTiming] | None = None
 
     @property
     def avg_logprob(self) -> float:
@@ -65,8 +79,9 @@ class Job:
     id: int = dataclasses.field(default_factory=lambda: next(_ids))
     enqueued_at: float = dataclasses.field(default_factory=time.monotonic)
     cancelled: bool = False  # set from the loop when the client leaves; read by workers
-    # called on the worker thread with each generated token id (greedy/sampling only)
-    on_token: Callable[[int], None] | None = None
+    # called on the worker thread with each generated token id and its log-probability
+    # (greedy/sampling only)
+    on_token: Callable[[int, float], None] | None = None
 
     @property
     def samples(self) -> int:

@@ -62,11 +62,15 @@ def test_deltas_add_up_to_the_unstreamed_transcript(
             server.url + TRANSCRIBE, files={"file": ("a.wav", speech_wav)}, data={"num_beams": 2}
         )
     text = plain.json()["text"]
-    assert streamed[-1] == {"type": "transcript.text.done", "text": text}
+    assert {k: v for k, v in streamed[-1].items() if k != "usage"} == {
+        "type": "transcript.text.done",
+        "text": text,
+    }
     deltas = [e["delta"] for e in streamed if e["type"] == "transcript.text.delta"]
     assert "".join(deltas) == text  # type: ignore[arg-type]
     assert all("\ufffd" not in d for d in deltas) or "\ufffd" in text  # type: ignore[operator]
-    assert beams[-1] == {"type": "transcript.text.done", "text": plain_beams.json()["text"]}
+    assert beams[-1]["type"] == "transcript.text.done"
+    assert beams[-1]["text"] == plain_beams.json()["text"]
 
 
 def test_stream_errors_before_the_stream_are_json(bundled_server: LiveServer) -> None:
@@ -75,6 +79,6 @@ def test_stream_errors_before_the_stream_are_json(bundled_server: LiveServer) ->
         files={"file": ("a.wav", b"not audio at all")},
         data={"stream": "true"},
     )
-    assert response.status_code in (400, 415)
+    assert response.status_code == 400
     assert response.headers["content-type"] == "application/json"
     assert response.json()["error"]["param"] == "file"

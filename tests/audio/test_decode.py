@@ -214,7 +214,7 @@ def test_empty_input_is_bad_audio() -> None:
 
 def test_random_bytes_are_unsupported() -> None:
     noise = np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()
-    message = rejects(noise, UnsupportedMediaType, 415)
+    message = rejects(noise, UnsupportedMediaType, 400)
     assert "not audio in a supported format" in message
     assert "WAV" in message
     assert "MP3" in message
@@ -222,7 +222,7 @@ def test_random_bytes_are_unsupported() -> None:
 
 def test_text_file_is_unsupported() -> None:
     text = b"Minutes of the meeting\n\n1. Budget approved.\n2. Next meeting Tuesday.\n" * 20
-    rejects(text, UnsupportedMediaType, 415)
+    rejects(text, UnsupportedMediaType, 400)
 
 
 def test_truncated_wav_header_is_bad_audio(speech: tuple[F32, int]) -> None:

@@ -139,13 +139,13 @@ def _file(body: Callable[[], bytes], name: str = "a.wav") -> Callable[[], Any]:
 BAD_UPLOADS = {
     "empty-file": Bad(400, "bad_audio", "file", _file(lambda: b"")),
     "random-bytes": Bad(
-        415,
+        400,
         "unsupported_media_type",
         "file",
         _file(lambda: np.random.default_rng(7).bytes(64 * 1024)),
     ),
     "text-named-wav": Bad(
-        415,
+        400,
         "unsupported_media_type",
         "file",
         _file(lambda: b"this is a shopping list, not audio\n" * 20, "notes.wav"),

@@ -1,17 +1,25 @@
 """`POST /v1/audio/transcriptions` and `/v1/audio/translations`, as the OpenAI API has them."""
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator
-from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Request, UploadFile
+import numpy as np
+from fastapi import APIRouter, Request, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from service.api import render
 from service.api.deps import EngineDep, SettingsDep
 from service.api.observe import RequestFacts, facts
+from service.api.requests import (
+    ChunkingStrategy,
+    TranscriptionForm,
+    TranscriptionRequest,
+    TranslationForm,
+    request_body_schema,
+)
 from service.api.schemas import (
     ERROR_RESPONSES,
     TRANSCRIPT_EVENT,
@@ -19,15 +27,15 @@ from service.api.schemas import (
     TranscriptionVerbose,
 )
 from service.audio import decode_audio
-from service.audio.windows import plan_windows
+from service.audio.windows import Window, has_speech, plan_windows
 from service.engine.engine import ClientGone, Engine
-from service.engine.types import GenerationParams, Job, Task, Transcript
+from service.engine.types import GenerationParams, Job, Transcript
 from service.errors import (
     BadAudio,
-    InvalidRequest,
     ModelNotFound,
     PayloadTooLarge,
     ServiceError,
+    Unsupported,
     UnsupportedMediaType,
 )
 from service.settings import Settings
@@ -53,68 +61,26 @@ _RESPONSES: dict[int | str, dict[str, object]] = {
     }
 }
 
-FileField = Annotated[UploadFile, File(description="Audio: WAV, FLAC, OGG/Vorbis, Opus or MP3")]
-ModelField = Annotated[str | None, Form(description="Model name (GET /v1/models); default: it")]
-LanguageField = Annotated[str | None, Form(max_length=32, description="Language (ISO 639-1)")]
-PromptField = Annotated[str | None, Form(description="Context for models that take a prompt")]
-FormatField = Annotated[render.ResponseFormat, Form()]
-TemperatureField = Annotated[float, Form(ge=0, le=2, description="0: greedy; > 0: sampling")]
-BeamsField = Annotated[int, Form(ge=1, description="Beam width (capped by settings)")]
-SampleField = Annotated[bool, Form(description="Multinomial sampling")]
-TopKField = Annotated[int | None, Form(ge=0, description="Sampling: keep the k best tokens")]
-TopPField = Annotated[float | None, Form(gt=0, le=1, description="Sampling: nucleus mass")]
-MaxTokensField = Annotated[int | None, Form(ge=1, description="Tokens to generate at most")]
-PenaltyField = Annotated[float, Form(gt=0, le=10, description="Repetition penalty")]
-SeedField = Annotated[int | None, Form(ge=0, le=2**32 - 1, description="Sampling seed")]
-TimeoutField = Annotated[float | None, Form(gt=0, description="Deadline in seconds (capped)")]
-StreamField = Annotated[
-    bool, Form(description="Server-Sent Events: text deltas as tokens are generated")
-]
 
-
-def _params(
-    settings: Settings,
-    default_max_new_tokens: int,
-    task: Task,
-    language: str | None,
-    prompt: str | None,
-    temperature: float,
-    num_beams: int,
-    do_sample: bool,
-    top_k: int | None,
-    top_p: float | None,
-    max_new_tokens: int | None,
-    repetition_penalty: float,
-    seed: int | None,
-) -> GenerationParams:
-    if num_beams > settings.max_num_beams:
-        raise InvalidRequest(
-            f"num_beams is {num_beams}; the limit is {settings.max_num_beams}", param="num_beams"
+def _check_model(engine: Engine, settings: Settings, body: TranscriptionRequest) -> None:
+    """The named model must be the served one; a language the model cannot use is refused."""
+    if body.model is not None and body.model not in (settings.served_name, *settings.model_aliases):
+        raise ModelNotFound(
+            f"model {body.model!r} is not loaded; GET /v1/models lists what is", param="model"
         )
-    if max_new_tokens is not None and max_new_tokens > settings.max_new_tokens:
-        raise InvalidRequest(
-            f"max_new_tokens is {max_new_tokens}; the limit is {settings.max_new_tokens}",
-            param="max_new_tokens",
+    language = body.language
+    if language and not engine.info.can_translate and language != settings.language:
+        # no language tokens: the model speaks only its own language (STT_LANGUAGE)
+        raise Unsupported(
+            f"model {engine.info.name} transcribes {settings.language!r} only; it has no "
+            f"language tokens to force {language!r}",
+            param="language",
         )
-    if prompt is not None and len(prompt) > settings.max_prompt_chars:
-        raise InvalidRequest(
-            f"prompt is {len(prompt)} characters; the limit is {settings.max_prompt_chars}",
+    if body.prompt and engine.info.architecture != "whisper":
+        raise Unsupported(
+            f"model {engine.info.name} ({engine.info.architecture}) takes no prompt",
             param="prompt",
         )
-    sample = do_sample or temperature > 0
-    return GenerationParams(
-        task=task,
-        language=language or None,
-        num_beams=num_beams,
-        do_sample=sample,
-        temperature=temperature if temperature > 0 else 1.0,
-        top_k=top_k if sample else None,
-        top_p=top_p if sample else None,
-        max_new_tokens=max_new_tokens or min(settings.max_new_tokens, default_max_new_tokens),
-        repetition_penalty=repetition_penalty,
-        seed=seed if sample else None,
-        prompt=prompt or None,
-    )
 
 
 async def _disconnected(request: Request) -> None:
@@ -125,29 +91,10 @@ async def _disconnected(request: Request) -> None:
             return
 
 
-async def _handle(
-    request: Request,
-    engine: Engine,
-    settings: Settings,
-    task: Task,
-    file: UploadFile,
-    model: str | None,
-    response_format: render.ResponseFormat,
-    params: GenerationParams,
-    timeout: float | None,
-    stream: bool = False,
-) -> Response:
-    if model is not None and model not in (settings.served_name, *settings.model_aliases):
-        raise ModelNotFound(
-            f"model {model!r} is not loaded; GET /v1/models lists what is", param="model"
-        )
-    record = facts(request.scope)
-    record.response_format = response_format
-    engine.adapter.validate(params)
-    # refuse overload before paying for decoding (which would slow the workers further);
-    # `EarlyAdmission` did the same before the body was parsed, with the default deadline
-    engine.scheduler.admit(engine.deadline(timeout))
-    started = time.perf_counter()
+async def _decode(
+    request: Request, engine: Engine, settings: Settings, file: UploadFile
+) -> np.ndarray:
+    """The upload as float32 mono at the model's rate, decoded off the event loop."""
     try:
         async with request.app.state.decode_gate.slot():
             started = time.perf_counter()
@@ -162,44 +109,93 @@ async def _handle(
         exc.param = exc.param or "file"
         raise
     engine.metrics.observe_stage("decode", time.perf_counter() - started)
-    duration = len(audio) / engine.info.sampling_rate
-    record.audio_seconds = duration
+    return audio
+
+
+def _plan(
+    audio: np.ndarray, rate: int, max_window: float, chunking: ChunkingStrategy | None
+) -> list[Window] | None:
+    """Where to cut the audio: `None` for one block, else windows at pauses (none: silence).
+
+    Without `chunking_strategy`, only audio longer than the window limit is cut. With it, the
+    audio is always cut at pauses: `auto` with the defaults, `server_vad` with its knobs
+    (`silence_duration_ms`: the pause that ends a window; `prefix_padding_ms`: audio kept
+    before the speech; `threshold` 0..1: how far above the recording's noise floor a frame
+    must be to count as speech, 0 to 24 dB).
+    """
+    if chunking is None:
+        return (
+            plan_windows(audio, rate, max_window=max_window)
+            if len(audio) > max_window * rate
+            else None
+        )
+    if chunking.type == "auto":
+        return plan_windows(audio, rate, max_window=max_window)
+    return plan_windows(
+        audio,
+        rate,
+        max_window=max_window,
+        min_pause=chunking.silence_duration_ms / 1000,
+        pad_before=chunking.prefix_padding_ms / 1000,
+        margin_db=24.0 * chunking.threshold,
+    )
+
+
+async def _handle(
+    request: Request, engine: Engine, settings: Settings, body: TranscriptionRequest
+) -> Response:
+    params = body.to_params(settings, engine.adapter.default_max_new_tokens)
+    _check_model(engine, settings, body)
+    if body.words:
+        params = dataclasses.replace(params, words=True)
+    record = facts(request.scope)
+    record.response_format = body.response_format
+    engine.adapter.validate(params)
+    # refuse overload before paying for decoding (which would slow the workers further);
+    # `EarlyAdmission` did the same before the body was parsed, with the default deadline
+    engine.scheduler.admit(engine.deadline(body.timeout))
+    audio = await _decode(request, engine, settings, body.file)
     rate = engine.info.sampling_rate
-    language = params.language or settings.language
-    temperature = params.temperature if params.do_sample else 0.0
+    duration = len(audio) / rate
+    record.audio_seconds = duration
     max_window = settings.max_window_seconds
     if engine.info.architecture == "whisper":  # Whisper sees at most 30 s
         max_window = min(max_window, 30.0)
-    if duration > max_window:
-        windows = plan_windows(audio, rate, max_window=max_window)
+    windows = _plan(audio, rate, max_window, body.chunking_strategy)
+    if windows is None and not has_speech(audio, rate):
+        windows = []  # silence, hiss or a steady tone: no words, and no model call
+    reply = _Reply(engine, settings, body, params, duration, record)
+    if windows is not None:
         results = engine.transcribe_pieces(
             [audio[w.start : w.end] for w in windows],
             params,
-            timeout=timeout,
-            client_gone=None if stream else lambda: _disconnected(request),
+            timeout=body.timeout,
+            client_gone=None if body.stream else lambda: _disconnected(request),
         )
         spans = [(w.speech_start / rate, w.speech_end / rate) for w in windows]
-        if stream:
-            return _event_stream(_segment_events(results, spans, temperature, record))
+        offsets = [w.start / rate for w in windows]
+        if body.stream:
+            return _event_stream(_segment_events(reply, results, spans))
         pieces: list[render.Piece] = []
         try:
             async for result in results:
-                pieces.append(render.Piece(*spans[len(pieces)], result))
+                index = len(pieces)
+                pieces.append(render.Piece(*spans[index], result, offsets[index]))
         except ClientGone:
             return Response(status_code=499)
-    elif stream:
-        tokens: asyncio.Queue[int] = asyncio.Queue()
-        job = engine.submit(audio, params, timeout=timeout, tokens=tokens)  # 429/503 as JSON
-        return _event_stream(_token_events(engine, job, tokens, record))
+    elif body.stream:
+        tokens: asyncio.Queue[tuple[int, float]] = asyncio.Queue()
+        job = engine.submit(audio, params, timeout=body.timeout, tokens=tokens)  # 429/503 JSON
+        return _event_stream(_token_events(reply, job, tokens))
     else:
         try:
-            job = engine.submit(audio, params, timeout=timeout)
+            job = engine.submit(audio, params, timeout=body.timeout)
             result = await engine.result(job, client_gone=lambda: _disconnected(request))
         except ClientGone:
             return Response(status_code=499)  # nobody reads it; ends the request cleanly
-        pieces = [render.Piece(0.0, duration, result)]
+        pieces = [render.Piece(0.0, duration, result, 0.0)]
     _record(record, [p.transcript for p in pieces])
-    response = _render(pieces, duration, task, language, temperature, response_format)
+    response = reply.render(pieces)
     # Where the time went, for clients and benchmarks (https://www.w3.org/TR/server-timing/).
     response.headers["Server-Timing"] = (
         f"queue;dur={(record.queue_seconds or 0) * 1000:.1f}, "
@@ -207,6 +203,73 @@ async def _handle(
     )
     response.headers["X-Batch-Size"] = str(record.batch_size or 0)
     return response
+
+
+class _Reply:
+    """What the response needs besides the transcripts: the request and the audio's length."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        settings: Settings,
+        body: TranscriptionRequest,
+        params: GenerationParams,
+        duration: float,
+        record: RequestFacts,
+    ) -> None:
+        self.engine = engine
+        self.body = body
+        self.duration = duration
+        self.record = record
+        self.temperature = params.temperature if params.do_sample else 0.0
+        self.language = params.language or settings.language
+        self.tokenizer = engine.adapter.tokenizer
+
+    def language_used(self, pieces: list[render.Piece]) -> str:
+        """The language the model used: as detected or forced (engine), else asked, else the
+        model's own."""
+        found = next((p.transcript.language for p in pieces if p.transcript.language), None)
+        return found or self.language
+
+    def logprobs(self, results: list[Transcript]) -> list[render.TokenLogprob] | None:
+        if not self.body.logprobs:
+            return None
+        return [
+            item
+            for result in results
+            for item in render.token_logprobs(self.tokenizer, result.tokens, result.logprobs)
+        ]
+
+    def usage(self, results: list[Transcript]) -> render.TokenUsage:
+        audio_tokens = self.engine.adapter.encoder_frames(
+            round(self.duration * self.engine.info.sampling_rate)
+        )
+        output = sum(len(r.tokens) for r in results)
+        return render.token_usage(audio_tokens, output)
+
+    def render(self, pieces: list[render.Piece]) -> Response:
+        fmt = self.body.response_format
+        if fmt == "text":
+            return PlainTextResponse(render.joined_text(pieces))
+        logprobs = self.logprobs([p.transcript for p in pieces])
+        if fmt == "json":
+            return JSONResponse(
+                render.as_json(pieces, self.duration, logprobs).model_dump(exclude_none=True)
+            )
+        verbose = render.as_verbose(
+            pieces,
+            self.duration,
+            self.body.task,
+            self.language_used(pieces),
+            self.temperature,
+            words=self.body.words,
+            logprobs=logprobs,
+        )
+        if fmt == "verbose_json":
+            return JSONResponse(verbose.model_dump(exclude_none=True))
+        if fmt == "srt":
+            return PlainTextResponse(render.as_srt(verbose.segments))
+        return PlainTextResponse(render.as_vtt(verbose.segments), media_type="text/vtt")
 
 
 def _record(record: RequestFacts, results: list[Transcript]) -> None:
@@ -237,17 +300,37 @@ def _error_event(exc: ServiceError, record: RequestFacts) -> str:
     return _sse({"type": "error", "error": {**error, "request_id": record.request_id}})
 
 
+def _delta(text: str, logprobs: list[render.TokenLogprob] | None) -> str:
+    event: dict[str, object] = {"type": "transcript.text.delta", "delta": text}
+    if logprobs is not None:
+        event["logprobs"] = [lp.model_dump() for lp in logprobs]
+    return _sse(event)
+
+
+def _done(reply: _Reply, text: str, results: list[Transcript]) -> str:
+    """`transcript.text.done`: the whole text, the token usage, and the logprobs if asked."""
+    event: dict[str, object] = {
+        "type": "transcript.text.done",
+        "text": text,
+        "usage": reply.usage(results).model_dump(),
+    }
+    logprobs = reply.logprobs(results)
+    if logprobs is not None:
+        event["logprobs"] = [lp.model_dump() for lp in logprobs]
+    return _sse(event)
+
+
 async def _segment_events(
+    reply: _Reply,
     results: AsyncIterator[Transcript],
     spans: list[tuple[float, float]],
-    temperature: float,
-    record: RequestFacts,
 ) -> AsyncIterator[str]:
-    """Long audio: each window's segment as soon as it (and those before it) are done.
+    """Windowed audio: each window's segment as soon as it (and those before it) are done.
 
     Per window: a `transcript.text.segment` event (id, start, end, text) and a
-    `transcript.text.delta` with its text, so a client that only joins deltas gets the whole
-    text; then `transcript.text.done`. Leaving early cancels the windows not yet done.
+    `transcript.text.delta` with its text (and its tokens' logprobs when asked), so a client
+    that only joins deltas gets the whole text; then `transcript.text.done`. Leaving early
+    cancels the windows not yet done.
     """
     done: list[Transcript] = []
     try:
@@ -257,7 +340,7 @@ async def _segment_events(
             if not result.text:
                 continue
             piece = render.Piece(*spans[index], result)
-            segment = render.segment(index, piece, temperature)
+            segment = render.segment(index, piece, reply.temperature)
             yield _sse(
                 {
                     "type": "transcript.text.segment",
@@ -268,25 +351,38 @@ async def _segment_events(
                 }
             )
             prefix = " " if any(r.text for r in done[:-1]) else ""
-            yield _sse({"type": "transcript.text.delta", "delta": prefix + result.text})
+            yield _delta(prefix + result.text, reply.logprobs([result]))
     except ServiceError as exc:
-        yield _error_event(exc, record)
+        yield _error_event(exc, reply.record)
         return
-    _record(record, done)
-    yield _sse({"type": "transcript.text.done", "text": record.text or ""})
+    _record(reply.record, done)
+    yield _done(reply, reply.record.text or "", done)
 
 
 async def _token_events(
-    engine: Engine, job: Job, tokens: "asyncio.Queue[int]", record: RequestFacts
+    reply: _Reply, job: Job, tokens: "asyncio.Queue[tuple[int, float]]"
 ) -> AsyncIterator[str]:
     """OpenAI's transcription stream: text deltas as tokens arrive, then the whole text.
 
-    Leaving early (the client disconnects: the response task is cancelled) cancels the job.
-    A failure after the stream has begun is sent as an `error` event in the error shape.
+    With `include[]=logprobs`, each delta carries the log-probabilities of the tokens whose
+    text it holds. Leaving early (the client disconnects: the response task is cancelled)
+    cancels the job. A failure after the stream has begun is sent as an `error` event.
     """
+    engine, record = reply.engine, reply.record
     detok = IncrementalDetokenizer(engine.adapter.tokenizer)
     waiter = asyncio.ensure_future(engine.result(job))
-    streamed = []
+    streamed: list[str] = []
+    held: list[tuple[int, float]] = []  # tokens whose text no delta has carried yet
+
+    def delta(text: str) -> str:
+        logprobs = None
+        if reply.body.logprobs:
+            ids = [t for t, _ in held]
+            logprobs = render.token_logprobs(reply.tokenizer, ids, [lp for _, lp in held])
+        held.clear()
+        streamed.append(text)
+        return _delta(text, logprobs)
+
     try:
         while not waiter.done():
             getter = asyncio.ensure_future(tokens.get())
@@ -294,45 +390,29 @@ async def _token_events(
             if not getter.done():
                 getter.cancel()
                 break
-            if delta := detok.push(getter.result()):
-                streamed.append(delta)
-                yield _sse({"type": "transcript.text.delta", "delta": delta})
+            held.append(getter.result())
+            if text := detok.push(held[-1][0]):
+                yield delta(text)
         while not tokens.empty():  # tokens that arrived with the result
-            if delta := detok.push(tokens.get_nowait()):
-                streamed.append(delta)
-                yield _sse({"type": "transcript.text.delta", "delta": delta})
+            held.append(tokens.get_nowait())
+            if text := detok.push(held[-1][0]):
+                yield delta(text)
         try:
             result = waiter.result()
         except ServiceError as exc:
             yield _error_event(exc, record)
             return
-        rest = detok.finish() if streamed else result.text  # beam search streams no tokens
+        if not streamed:  # beam search streams no tokens: the whole result is one delta
+            held[:] = list(zip(result.tokens, result.logprobs, strict=True))
+            rest = result.text
+        else:
+            rest = detok.finish()
         if rest:
-            yield _sse({"type": "transcript.text.delta", "delta": rest})
+            yield delta(rest)
         _record(record, [result])
-        yield _sse({"type": "transcript.text.done", "text": result.text})
+        yield _done(reply, result.text, [result])
     finally:
         waiter.cancel()
-
-
-def _render(
-    pieces: list[render.Piece],
-    duration: float,
-    task: Task,
-    language: str,
-    temperature: float,
-    response_format: render.ResponseFormat,
-) -> Response:
-    if response_format == "text":
-        return PlainTextResponse(render.joined_text(pieces))
-    if response_format == "json":
-        return JSONResponse(render.as_json(pieces, duration).model_dump())
-    verbose = render.as_verbose(pieces, duration, task, language, temperature)
-    if response_format == "verbose_json":
-        return JSONResponse(verbose.model_dump())
-    if response_format == "srt":
-        return PlainTextResponse(render.as_srt(verbose.segments))
-    return PlainTextResponse(render.as_vtt(verbose.segments), media_type="text/vtt")
 
 
 @router.post(
@@ -340,54 +420,12 @@ def _render(
     responses=_RESPONSES,
     response_model=None,
     summary="Transcribe an audio file",
+    openapi_extra=request_body_schema("transcribe"),
 )
 async def transcriptions(
-    request: Request,
-    engine: EngineDep,
-    settings: SettingsDep,
-    file: FileField,
-    model: ModelField = None,
-    language: LanguageField = None,
-    prompt: PromptField = None,
-    response_format: FormatField = "json",
-    temperature: TemperatureField = 0.0,
-    num_beams: BeamsField = 1,
-    do_sample: SampleField = False,
-    top_k: TopKField = None,
-    top_p: TopPField = None,
-    max_new_tokens: MaxTokensField = None,
-    repetition_penalty: PenaltyField = 1.0,
-    seed: SeedField = None,
-    timeout: TimeoutField = None,
-    stream: StreamField = False,
+    request: Request, engine: EngineDep, settings: SettingsDep, body: TranscriptionForm
 ) -> Response:
-    params = _params(
-        settings,
-        engine.adapter.default_max_new_tokens,
-        "transcribe",
-        language,
-        prompt,
-        temperature,
-        num_beams,
-        do_sample,
-        top_k,
-        top_p,
-        max_new_tokens,
-        repetition_penalty,
-        seed,
-    )
-    return await _handle(
-        request,
-        engine,
-        settings,
-        "transcribe",
-        file,
-        model,
-        response_format,
-        params,
-        timeout,
-        stream,
-    )
+    return await _handle(request, engine, settings, body)
 
 
 @router.post(
@@ -395,44 +433,12 @@ async def transcriptions(
     responses=_RESPONSES,
     response_model=None,
     summary="Translate an audio file (into English, or `language` where supported)",
+    openapi_extra=request_body_schema("translate"),
 )
 async def translations(
-    request: Request,
-    engine: EngineDep,
-    settings: SettingsDep,
-    file: FileField,
-    model: ModelField = None,
-    language: LanguageField = None,
-    prompt: PromptField = None,
-    response_format: FormatField = "json",
-    temperature: TemperatureField = 0.0,
-    num_beams: BeamsField = 1,
-    do_sample: SampleField = False,
-    top_k: TopKField = None,
-    top_p: TopPField = None,
-    max_new_tokens: MaxTokensField = None,
-    repetition_penalty: PenaltyField = 1.0,
-    seed: SeedField = None,
-    timeout: TimeoutField = None,
+    request: Request, engine: EngineDep, settings: SettingsDep, body: TranslationForm
 ) -> Response:
-    params = _params(
-        settings,
-        engine.adapter.default_max_new_tokens,
-        "translate",
-        language or "en",
-        prompt,
-        temperature,
-        num_beams,
-        do_sample,
-        top_k,
-        top_p,
-        max_new_tokens,
-        repetition_penalty,
-        seed,
-    )
-    return await _handle(
-        request, engine, settings, "translate", file, model, response_format, params, timeout
-    )
+    return await _handle(request, engine, settings, body)
 
 
 __all__ = ["TranscriptionJSON", "TranscriptionVerbose", "router"]
