@@ -1,6 +1,7 @@
 """Render a transcript in each OpenAI response format: json, text, verbose_json, srt, vtt."""
 
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from service.api.schemas import (
@@ -54,21 +55,29 @@ def segment(index: int, piece: Piece, temperature: float) -> Segment:
 
 
 def token_logprobs(
-    tokenizer: Any, tokens: list[int], logprobs: list[float]
+    tokenizer: Any, tokens: list[int], logprobs: list[float], context: Sequence[int] = ()
 ) -> list[TokenLogprob]:
     """Each token's share of the text (what decoding it adds to the tokens before it, so
-    a WordPiece `##s` is `s` and a word-level token carries its space) with its log-probability.
+    a WordPiece `##s` is `s` and a word-level token carries its leading space) with its
+    log-probability. `context`: the tokens before these (a stream's earlier deltas).
 
     The shares of a sequence join to its decoded text (before stripping).
     """
-    items = []
-    before = ""
-    for index, logprob in enumerate(logprobs):
-        text = str(tokenizer.decode(tokens[: index + 1], skip_special_tokens=True))
+    items: list[TokenLogprob] = []
+    ids = list(context[-_CONTEXT:])
+    before = str(tokenizer.decode(ids, skip_special_tokens=True)) if ids else ""
+    for token, logprob in zip(tokens, logprobs, strict=True):
+        ids.append(token)
+        text = str(tokenizer.decode(ids, skip_special_tokens=True))
         share = text[len(before) :] if text.startswith(before) else text
+        if not context and not items:
+            share = share.lstrip()  # the text of a sequence starts with no space
         before = text
         items.append(TokenLogprob(token=share, logprob=logprob, bytes=list(share.encode())))
     return items
+
+
+_CONTEXT = 8  # tokens of context enough for a decoder to place spaces and join pieces
 
 
 def token_usage(audio_tokens: int, output_tokens: int) -> TokenUsage:

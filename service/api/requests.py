@@ -125,12 +125,8 @@ class TranscriptionRequest(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> "TranscriptionRequest":
-        sampling = self.do_sample or self.temperature > 0
-        for name in ("top_k", "top_p", "seed"):
-            if getattr(self, name) is not None and not sampling:
-                raise _Refused(
-                    name, f"{name} applies only when sampling: set temperature > 0 or do_sample"
-                )
+        # top_k/top_p/seed with greedy decoding are honoured trivially: the filters always
+        # keep the best token, and greedy decoding is reproducible without a seed
         if "word" in self.timestamp_granularities and self.response_format != "verbose_json":
             raise _Refused(
                 "timestamp_granularities", "word timestamps need response_format=verbose_json"
@@ -206,6 +202,8 @@ def _regroup(items: list[tuple[str, Any]]) -> dict[str, Any]:
     a dict, aliases → their field. A scalar field given twice is a 400 naming it."""
     data: dict[str, Any] = {}
     for key, value in items:
+        if isinstance(value, str) and value == "":
+            continue  # an empty text field is an unset one, as form encoders send them
         if key.endswith("[]"):
             data.setdefault(key[:-2], []).append(value)
             continue
@@ -220,7 +218,8 @@ def _regroup(items: list[tuple[str, Any]]) -> dict[str, Any]:
         if name in _LISTS:
             data.setdefault(name, []).append(value)
         elif name in data:
-            raise InvalidRequest(f"{key} is given more than once", param=key)
+            same = f" (an alias of {name})" if key != name else ""
+            raise InvalidRequest(f"{key}{same} is given more than once", param=key)
         else:
             data[name] = value
     return data
@@ -303,8 +302,10 @@ def request_body_schema(task: Task) -> dict[str, object]:
         elif name == "chunking_strategy":
             prop = {
                 "type": "string",
+                "enum": ["auto"],
                 "description": '"auto", or a server_vad object as JSON: {"type": '
-                '"server_vad", "threshold", "prefix_padding_ms", "silence_duration_ms"}',
+                '"server_vad", "threshold", "prefix_padding_ms", "silence_duration_ms"}; '
+                "or that object's fields as chunking_strategy[type], chunking_strategy[...]",
             }
         elif name in _LISTS:
             name = f"{name}[]"

@@ -340,21 +340,32 @@ def _check_sample_rate(rate: int) -> None:
 
 
 class _Samples:
-    """An append-only float32 buffer: sized once when the length is known, else doubling."""
+    """An append-only float32 buffer: one array sized from the declared length; past it
+    (no length declared, or a header that under-declares), a list of chunks joined at the end.
+
+    Peak memory: the result once where the length is known, at most twice otherwise (the
+    chunks and their join), never a doubling buffer's three times.
+    """
 
     def __init__(self, capacity: int) -> None:
         self.data = np.empty(max(1, capacity), dtype=np.float32)
         self.size = 0
+        self.chunks: list[npt.NDArray[np.float32]] = []
 
     def append(self, x: npt.NDArray[np.float32]) -> None:
-        if self.size + len(x) > len(self.data):
-            grown = np.empty(max(2 * len(self.data), self.size + len(x)), dtype=np.float32)
-            grown[: self.size] = self.data[: self.size]
-            self.data = grown
-        self.data[self.size : self.size + len(x)] = x
-        self.size += len(x)
+        if not self.chunks and self.size + len(x) <= len(self.data):
+            self.data[self.size : self.size + len(x)] = x
+            self.size += len(x)
+            return
+        if not self.chunks:
+            self.chunks.append(self.data[: self.size])
+        self.chunks.append(np.array(x, dtype=np.float32))  # a copy: callers reuse buffers
 
     def result(self) -> npt.NDArray[np.float32]:
+        if self.chunks:
+            joined = np.concatenate(self.chunks)
+            self.chunks = []
+            return joined
         if len(self.data) - self.size > self.size // 8:  # do not keep a mostly empty buffer
             return self.data[: self.size].copy()
         return self.data[: self.size]

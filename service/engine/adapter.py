@@ -137,6 +137,34 @@ class _RowStreamer(BaseStreamer):
         self.finished = [True] * len(self.sinks)
 
 
+_MAX_RUNS = 48  # stretches of speech scored for word timings; more: attention alone
+_MAX_WORDS_PER_RUN = 8
+_MAX_SCORED = 20_000  # (run, word span) pairs scored at most, bounding the cost per request
+_RUN_PADDING = 0.1  # seconds of audio kept around a stretch of speech when scoring it
+
+
+def _split_runs(
+    timed: list[tuple[str, float, float]],
+    runs: list[tuple[float, float]],
+    assignment: list[tuple[int, int]],
+) -> list[tuple[str, float, float]]:
+    """Word times from the assignment of words to runs: a word alone in its run spans it;
+    words sharing one are placed by their attention times, kept inside the run and in order."""
+    out: list[tuple[str, float, float]] = []
+    for (begin, end), (i, j) in zip(runs, assignment, strict=True):
+        if i == j:  # a stretch with no word of the transcript (a noise, a word not decoded)
+            continue
+        if j - i == 1:
+            out.append((timed[i][0], round(begin, 3), round(end, 3)))
+            continue
+        starts = [begin] + [min(max(timed[k][1], begin), end) for k in range(i + 1, j)]
+        starts = list(np.maximum.accumulate(starts)) if starts else []
+        for k, first in zip(range(i, j), starts, strict=True):
+            last = starts[k - i + 1] if k + 1 < j else end
+            out.append((timed[k][0], round(float(first), 3), round(float(last), 3)))
+    return out
+
+
 def _require(value: object, what: str, fix: str) -> None:
     if value is None:
         raise StartupError(f"checkpoint is missing {what}: {fix}")
@@ -514,13 +542,54 @@ class ModelAdapter:
     def word_timings(self, audio: np.ndarray, tokens: list[int]) -> list[WordTiming]:
         """When each word of `tokens` (a transcript of `audio`) is spoken.
 
-        The decoder runs once more over the start token(s) and `tokens`, returning its
-        cross-attention; `align.word_times` turns the attention of the positions that predict
-        each token and end-of-text into word times (DTW, as Whisper does), and pulls each
-        word's edges onto the sound the energy detector hears, so that pauses stay outside words.
+        Two methods, the second refining the first:
+
+        1. Cross-attention + DTW, as Whisper makes word timestamps: the decoder runs once more
+           over its own tokens (teacher forcing) and `align.word_times` aligns the attention of
+           the positions that predict each token (and end-of-text) with the encoder frames.
+        2. Where the audio has pauses, the likelihood of the words over the stretches of speech
+           between them: each stretch is encoded alone and scored against every run of
+           consecutive words (log P(words, end-of-text | stretch)); dynamic programming picks
+           the most likely split of the transcript over the stretches (`align.assign_words`).
+           A word alone in its stretch spans it; several share it by their DTW times. This
+           holds where a model's attention is too diffuse to align (a small decoder) and costs
+           one encoder pass per stretch plus one batched decoder pass.
+
+        Whisper's decoder prompt (language, task tokens) is not rebuilt here, so Whisper
+        checkpoints get method 1, which their alignment heads serve well.
         """
         if not tokens:
             return []
+        rate = self.info.sampling_rate
+        seconds = len(audio) / rate
+        shares = []
+        before = ""
+        for index in range(len(tokens)):
+            text = str(self.tokenizer.decode(tokens[: index + 1], skip_special_tokens=True))
+            shares.append(text[len(before) :] if text.startswith(before) else text)
+            before = text
+        voiced = voiced_frames(audio, rate)
+        timed = self._attention_times(audio, tokens, shares, voiced)
+        spans = align.group_words(shares)
+        runs = align.speech_runs(voiced, FRAME_SECONDS)
+        group = min(len(spans), _MAX_WORDS_PER_RUN)
+        cost = len(runs) * (len(spans) + 1) * (group + 1)
+        if (
+            self.model.config.model_type != "whisper"
+            and 2 <= len(runs) <= _MAX_RUNS
+            and cost <= _MAX_SCORED
+            and len(timed) == len(spans)
+        ):
+            words = [tokens[span.first : span.last + 1] for span in spans]
+            scores = self._run_scores(audio, runs, words, group)
+            assignment = align.assign_words(scores, len(runs), len(words))
+            if assignment:
+                timed = _split_runs(timed, runs, assignment)
+        return [WordTiming(word, min(s, seconds), min(e, seconds)) for word, s, e in timed]
+
+    def _attention_times(
+        self, audio: np.ndarray, tokens: list[int], shares: list[str], voiced: np.ndarray
+    ) -> list[tuple[str, float, float]]:
         feats = self.features([audio])
         start = self.model.generation_config.decoder_start_token_id
         prompt = [start] if isinstance(start, int) else list(start)
@@ -530,22 +599,72 @@ class ModelAdapter:
             return []
         frames = min(self.encoder_frames(len(audio)), out.cross_attentions[0].shape[-1])
         rows = slice(len(prompt) - 1, len(prompt) + len(tokens))  # predict tokens, then EOS
-        attention = torch.cat([a[0, :, rows, :frames] for a in out.cross_attentions])
-        shares = []
-        before = ""
-        for index in range(len(tokens)):
-            text = str(self.tokenizer.decode(tokens[: index + 1], skip_special_tokens=True))
-            shares.append(text[len(before) :] if text.startswith(before) else text)
-            before = text
-        seconds = len(audio) / self.info.sampling_rate
-        timed = align.word_times(
+        layers = out.cross_attentions
+        heads = getattr(self.model.generation_config, "alignment_heads", None)
+        if heads:  # Whisper checkpoints name the heads that align (timing.py)
+            attention = torch.stack(
+                [layers[layer][0, head, rows, :frames] for layer, head in heads]
+            )
+        else:
+            attention = torch.cat([a[0, :, rows, :frames] for a in layers])
+        return align.word_times(
             attention.float().cpu().numpy().astype(np.float64),
             shares,
-            seconds_per_frame=seconds / max(1, frames),
-            voiced=voiced_frames(audio, self.info.sampling_rate),
+            seconds_per_frame=len(audio) / self.info.sampling_rate / max(1, frames),
+            voiced=voiced,
             voiced_frame_seconds=FRAME_SECONDS,
         )
-        return [WordTiming(word, min(s, seconds), min(e, seconds)) for word, s, e in timed]
+
+    def _run_scores(
+        self,
+        audio: np.ndarray,
+        runs: list[tuple[float, float]],
+        words: list[list[int]],
+        group: int,
+    ) -> dict[tuple[int, int, int], float]:
+        """log P(words i..j-1, end-of-text | run r's audio) for every run r and every run of
+        at most `group` consecutive words (none included)."""
+        rate = self.info.sampling_rate
+        start = self.model.generation_config.decoder_start_token_id
+        eos = min(self._eos_ids())
+        pad = self.model.generation_config.pad_token_id
+        spans = [
+            (i, j) for i in range(len(words) + 1) for j in range(i, min(len(words), i + group) + 1)
+        ]
+        sequences = [[t for word in words[i:j] for t in word] for i, j in spans]
+        length = max(len(seq) for seq in sequences) + 1
+        inputs = torch.full((len(spans), length), int(pad), dtype=torch.long)
+        targets = torch.full((len(spans), length), -1, dtype=torch.long)
+        for row, seq in enumerate(sequences):
+            inputs[row, : len(seq) + 1] = torch.tensor([start, *seq])
+            targets[row, : len(seq) + 1] = torch.tensor([*seq, eos])
+        inputs, targets = inputs.to(self.device), targets.to(self.device)
+        scores: dict[tuple[int, int, int], float] = {}
+        encoder = self.model.get_encoder()
+        for index, (begin, end) in enumerate(runs):
+            # the run and up to `_RUN_PADDING` s around it, never past halfway to its neighbours
+            before = runs[index - 1][1] if index else 0.0
+            after = runs[index + 1][0] if index + 1 < len(runs) else len(audio) / rate
+            lo = int(max(begin - _RUN_PADDING, (before + begin) / 2, 0.0) * rate)
+            hi = int(min(end + _RUN_PADDING, (end + after) / 2) * rate)
+            piece = audio[lo:hi]
+            if len(piece) < self.min_samples:
+                piece = np.pad(piece, (0, self.min_samples - len(piece)))
+            feats = self.features([piece])
+            feats.pop("attention_mask", None)
+            hidden = encoder(**feats).last_hidden_state
+            out = self.model(
+                encoder_outputs=BaseModelOutput(
+                    last_hidden_state=hidden.expand(len(spans), -1, -1)
+                ),
+                decoder_input_ids=inputs,
+            )
+            logprobs = out.logits.float().log_softmax(-1)
+            picked = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            totals = (picked * (targets >= 0)).sum(-1).tolist()
+            for (i, j), total in zip(spans, totals, strict=True):
+                scores[(index, i, j)] = float(total)
+        return scores
 
     def _with_attention_weights(
         self, feats: dict[str, torch.Tensor], decoder_ids: torch.Tensor

@@ -154,3 +154,52 @@ def _refine(
     if sound.size == 0:
         return start, end
     return (lo + int(sound[0])) * frame, (lo + int(sound[-1]) + 1) * frame
+
+
+def speech_runs(
+    voiced: npt.NDArray[np.bool_], frame_seconds: float, min_gap: float = 0.12
+) -> list[tuple[float, float]]:
+    """(start, end) seconds of each run of voiced frames, runs closer than `min_gap` joined,
+    runs shorter than three frames (clicks) dropped."""
+    padded = np.concatenate([[False], voiced, [False]]).astype(np.int8)
+    edges = np.flatnonzero(np.diff(padded))
+    runs: list[list[int]] = []
+    gap = max(1, round(min_gap / frame_seconds))
+    for first, end in zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True):
+        if runs and first - runs[-1][1] < gap:
+            runs[-1][1] = end
+        else:
+            runs.append([first, end])
+    return [(a * frame_seconds, b * frame_seconds) for a, b in runs if b - a >= 3]
+
+
+def assign_words(
+    scores: dict[tuple[int, int, int], float], runs: int, words: int
+) -> list[tuple[int, int]]:
+    """The most likely split of `words` words, in order, over `runs` stretches of speech.
+
+    `scores[(r, i, j)]` is log P(words i..j-1, then end-of-text | the audio of run r) (i == j:
+    the run holds no word). Returns, per run, its (i, j). Dynamic programming over (run, words
+    placed): each run explains exactly its words, so the likelihoods add up.
+    """
+    best = np.full((runs + 1, words + 1), -np.inf)
+    back = np.zeros((runs + 1, words + 1), dtype=np.int64)
+    best[0, 0] = 0.0
+    for r in range(1, runs + 1):
+        for j in range(words + 1):
+            for i in range(j + 1):
+                score = scores.get((r - 1, i, j))
+                if score is None or best[r - 1, i] == -np.inf:
+                    continue
+                if best[r - 1, i] + score > best[r, j]:
+                    best[r, j] = best[r - 1, i] + score
+                    back[r, j] = i
+    if best[runs, words] == -np.inf:
+        return []
+    spans = []
+    j = words
+    for r in range(runs, 0, -1):
+        i = int(back[r, j])
+        spans.append((i, j))
+        j = i
+    return spans[::-1]

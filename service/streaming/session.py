@@ -25,6 +25,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.audio.windows import has_speech
 from service.engine.engine import Engine
 from service.engine.types import GenerationParams, Transcript
 from service.errors import Overloaded, ServiceError
@@ -170,7 +171,9 @@ class StreamSession:
         oldest = next((t for end, t in self.arrivals if end > self.partial_covered), None)
         self.partial_covered = covered
         try:
-            result = await self.engine.transcribe(audio, self.params, priority=PARTIAL_PRIORITY)
+            result = self._no_speech(audio) or await self.engine.transcribe(
+                audio, self.params, priority=PARTIAL_PRIORITY
+            )
         except ServiceError as exc:  # a skipped partial is superseded by the next one
             log.debug("partial skipped: %s", exc.message)
             return
@@ -218,8 +221,17 @@ class StreamSession:
         )
         self.metrics.final_latency.observe(time.monotonic() - detected_at)
 
+    def _no_speech(self, audio: npt.NDArray[np.float32]) -> Transcript | None:
+        """An empty transcript, without a model call, for audio with no speech in it (a steady
+        noise loud enough to open an utterance): a model would make words up."""
+        if has_speech(audio, self.rate):
+            return None
+        return Transcript("", [], [], self.params.language, len(audio) / self.rate)
+
     async def _transcribe_final(self, utterance: Utterance) -> Transcript:
         """A final is never dropped for a full queue: it waits and retries until its deadline."""
+        if silent := self._no_speech(utterance.audio):
+            return silent
         give_up = time.monotonic() + self.engine.settings.request_timeout_s
         while True:
             try:

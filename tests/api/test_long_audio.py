@@ -128,7 +128,9 @@ def test_streamed_long_audio_sends_segments_in_order(server: LiveServer) -> None
     assert [s["start"] for s in segments] == [s["start"] for s in plain["segments"]]
     deltas = "".join(e["delta"] for e in events if e["type"] == "transcript.text.delta")
     assert deltas == plain["text"]
-    assert events[-1] == {"type": "transcript.text.done", "text": plain["text"]}
+    assert events[-1]["type"] == "transcript.text.done"
+    assert events[-1]["text"] == plain["text"]
+    assert events[-1]["usage"]["output_tokens"] == sum(len(s["tokens"]) for s in plain["segments"])
 
 
 def test_silence_only_long_audio_is_an_empty_transcript(server: LiveServer) -> None:

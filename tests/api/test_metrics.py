@@ -62,7 +62,14 @@ def test_known_requests_move_the_counters_exactly(tiny_server: LiveServer) -> No
     rate = 16_000
     lengths = [0.75, 1.0, 1.5, 2.0]  # seconds, at the model's rate: no resampling
     rng = np.random.default_rng(1)
-    clips = [encode(rng.normal(0, 0.1, int(s * rate)).astype(np.float32), rate) for s in lengths]
+    # noise that rises and falls like syllables: steady noise is answered without the model
+    clips = [
+        encode(
+            (rng.normal(0, 0.1, n) * np.abs(np.sin(np.arange(n) * 8 / rate))).astype(np.float32),
+            rate,
+        )
+        for n in (int(s * rate) for s in lengths)
+    ]
     _, before = scrape(tiny_server)
 
     async def send_all() -> list[httpx.Response]:

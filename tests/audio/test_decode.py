@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import av
 import numpy as np
 import numpy.typing as npt
 import pytest
@@ -23,7 +24,9 @@ import soundfile as sf
 import soxr
 
 from service.audio import decode_audio, probe_duration
+from service.audio.decode import sniff
 from service.errors import BadAudio, PayloadTooLarge, ServiceError, UnsupportedMediaType
+from tests import media
 
 TARGET = 16000
 F32 = npt.NDArray[np.float32]
@@ -372,3 +375,101 @@ def test_bad_arguments_are_a_caller_bug() -> None:
     for call in calls:
         with pytest.raises(ValueError, match="need sample_rate"):
             call()
+
+
+# ---------------------------------------------------------------------------------------------
+# recorded containers (PyAV) and the allow-list
+
+
+@pytest.mark.parametrize("kind", sorted(media.KINDS))
+def test_recorded_containers_decode(speech: tuple[F32, int], kind: str) -> None:
+    x, rate = speech
+    y = decode(media.record_as(x, rate, kind))
+    check_shape(y)
+    ref = at_rate(x, rate, TARGET)
+    lag = int(np.argmax(np.correlate(y[: len(ref) // 2], ref[: len(ref) // 4], mode="valid")))
+    assert lag <= 2048 * TARGET // 16000  # at most two AAC frames of priming
+    n = min(len(ref), len(y) - lag)
+    assert n >= 0.95 * len(ref)
+    assert corr(y[lag : lag + n], ref[:n]) > 0.98
+
+
+def test_container_duration_is_checked_before_decoding(
+    speech: tuple[F32, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    x, rate = speech
+    mp4 = media.record_as(np.resize(x, 3 * rate), rate, "mp4-video-aac")
+
+    def no_decoding(*_: object) -> None:
+        raise AssertionError("decoded a file whose container declares it too long")
+
+    monkeypatch.setattr(av.Packet, "decode", no_decoding)
+    message = rejects(mp4, PayloadTooLarge, 413, max_seconds=2)
+    assert message.startswith("audio is 3.")  # the declared length, not "at least"
+    assert probe_duration(mp4) == pytest.approx(3.0, abs=0.1)
+
+
+def test_stream_without_a_length_is_capped_while_decoding(speech: tuple[F32, int]) -> None:
+    # MediaRecorder's WebM (written live) declares no duration: the limit holds while decoding
+    x, rate = speech
+    live = media.record_as(np.resize(x, 4 * rate), rate, "webm-opus", live=True)
+    assert probe_duration(live) == float("inf")
+    message = rejects(live, PayloadTooLarge, 413, max_seconds=2)
+    assert message.startswith("audio is at least 2.")
+    assert len(decode(live, max_seconds=5)) == pytest.approx(4 * TARGET, abs=0.03 * TARGET)
+
+
+def test_decoding_holds_the_result_not_the_source(speech: tuple[F32, int]) -> None:
+    # 40 s of 48 kHz Opus with no declared length: the result at 16 kHz is 2.6 MB, the decoded
+    # source would be 7.7 MB; decoding holds the result's chunks and their join (2x) at most
+    x, rate = speech
+    data = media.record_as(np.resize(x, 40 * rate), rate, "webm-opus", live=True)
+    tracemalloc.start()
+    try:
+        y = decode(data, max_seconds=60)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < y.nbytes * 2 + 2**20
+
+
+def test_damaged_webm_tail_keeps_what_decoded(speech: tuple[F32, int]) -> None:
+    x, rate = speech
+    webm = media.record_as(np.resize(x, 2 * rate), rate, "webm-opus")
+    y = decode(webm[: len(webm) // 2])
+    check_shape(y)
+    assert 0.5 * TARGET < len(y) < 1.5 * TARGET
+
+
+@pytest.mark.parametrize(
+    "fmt", ["AIFF", "AU", "NIST", "IRCAM", "HTK", "MAT5", "MAT4", "VOC", "W64", "CAF", "PAF"]
+)
+def test_containers_off_the_allow_list_reach_no_parser(
+    speech: tuple[F32, int], fmt: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    x, rate = speech
+    data = encode(x, rate, fmt, "PCM_16")
+
+    def parser(*_: object, **__: object) -> None:
+        raise AssertionError(f"{fmt} was handed to a parser")
+
+    monkeypatch.setattr(sf, "SoundFile", parser)
+    monkeypatch.setattr(av, "open", parser)
+    assert "not audio in a supported format" in rejects(data, UnsupportedMediaType, 400)
+
+
+def test_sniffing_names_each_allowed_container(speech: tuple[F32, int], tmp_path: Path) -> None:
+    x, rate = speech
+    found = {
+        kind: sniff(io.BytesIO(media.record_as(x, rate, kind))) for kind in sorted(media.KINDS)
+    }
+    assert found == {
+        "adts-aac": "aac",
+        "m4a-aac": "mp4",
+        "mp4-video-aac": "mp4",
+        "ogg-opus": "ogg",
+        "webm-opus": "webm",
+    }
+    assert sniff(io.BytesIO(encode(x, rate, "WAV", "PCM_16"))) == "wav"
+    assert sniff(io.BytesIO(encode(x, rate, "FLAC"))) == "flac"
+    assert sniff(io.BytesIO(encode_mp3(x, rate, tmp_path))) == "mp3"

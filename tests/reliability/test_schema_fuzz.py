@@ -75,6 +75,7 @@ def api_schema(live: LiveServer) -> Any:
     schema = schemathesis.openapi.from_url(live.url + "/openapi.json")
     files = audio_files()
     rotation = itertools.cycle(range(len(files) + 1))  # the last: keep the generated file
+    thinning = itertools.count()
 
     @schema.hook
     def map_case(context: Any, case: schemathesis.Case) -> schemathesis.Case:
@@ -82,6 +83,14 @@ def api_schema(live: LiveServer) -> Any:
         positive = case.meta is not None and case.meta.generation.mode.is_positive
         if positive and isinstance(body, dict) and "file" in body:
             fields: dict[str, Any] = {k: v for k, v in body.items() if v is not None}
+            # fields this model refuses by design (documented 400s, which the negative and
+            # other cases reach): keep them out of most positive cases, or the 200 paths
+            # (json, SSE) are rarely reached; `prompt` (not a Whisper model) and a `language`
+            # other than the model's own
+            if next(thinning) % 2:
+                fields.pop("prompt", None)
+                if fields.get("language") != "en":
+                    fields.pop("language", None)
             pick = next(rotation)
             if pick < len(files):
                 fields["file"] = files[pick]

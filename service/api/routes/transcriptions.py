@@ -373,12 +373,16 @@ async def _token_events(
     waiter = asyncio.ensure_future(engine.result(job))
     streamed: list[str] = []
     held: list[tuple[int, float]] = []  # tokens whose text no delta has carried yet
+    carried: list[int] = []  # tokens whose text deltas have carried
 
     def delta(text: str) -> str:
         logprobs = None
         if reply.body.logprobs:
             ids = [t for t, _ in held]
-            logprobs = render.token_logprobs(reply.tokenizer, ids, [lp for _, lp in held])
+            logprobs = render.token_logprobs(
+                reply.tokenizer, ids, [lp for _, lp in held], context=carried
+            )
+            carried.extend(ids)
         held.clear()
         streamed.append(text)
         return _delta(text, logprobs)
