@@ -1,7 +1,7 @@
 """Render a transcript in each OpenAI response format: json, text, verbose_json, srt, vtt."""
 
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from service.api.schemas import (

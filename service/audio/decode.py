@@ -234,9 +234,7 @@ def _audio_stream(media: av.container.InputContainer) -> av.AudioStream:
     return stream
 
 
-def _declared_seconds(
-    media: av.container.InputContainer, stream: av.AudioStream
-) -> float | None:
+def _declared_seconds(media: av.container.InputContainer, stream: av.AudioStream) -> float | None:
     """The duration the container declares for the audio track, if it declares one."""
     if stream.duration is not None and stream.time_base is not None:
         return float(stream.duration * stream.time_base)

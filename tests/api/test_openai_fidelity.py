@@ -4,10 +4,8 @@ A real uvicorn server on the bundled model (real transcripts) and the official `
 Python client, as OpenAI's users call it: nothing asked for is silently ignored.
 """
 
-import io
 import json
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -59,9 +57,7 @@ def refused(call: Any, status: int = 400) -> dict[str, Any]:
 
 
 def create(client: openai.OpenAI, audio: bytes, **fields: Any) -> Any:
-    return client.audio.transcriptions.create(
-        model="whisper-1", file=("a.wav", audio), **fields
-    )
+    return client.audio.transcriptions.create(model="whisper-1", file=("a.wav", audio), **fields)
 
 
 # ------------------------------------------------------------------------ 1. nothing ignored
@@ -142,9 +138,7 @@ def test_max_completion_tokens_is_max_new_tokens(client: openai.OpenAI) -> None:
     assert cut.text == "turn on"
     assert len(cut.segments[0].tokens) == 2
     error = refused(
-        lambda: create(
-            client, audio, extra_body={"max_completion_tokens": 2, "max_new_tokens": 3}
-        )
+        lambda: create(client, audio, extra_body={"max_completion_tokens": 2, "max_new_tokens": 3})
     )
     assert error["param"] in ("max_completion_tokens", "max_new_tokens")
     assert "more than once" in error["message"]
@@ -246,16 +240,12 @@ def test_undecodable_input_is_a_bad_request(client: openai.OpenAI) -> None:
 
 
 @pytest.mark.parametrize("seconds", [1, 7, 19])
-def test_digital_silence_gives_no_words_on_every_path(
-    client: openai.OpenAI, seconds: int
-) -> None:
+def test_digital_silence_gives_no_words_on_every_path(client: openai.OpenAI, seconds: int) -> None:
     data = wav(np.zeros(seconds * RATE, np.float32))
     assert create(client, data).text == ""
     verbose = create(client, data, response_format="verbose_json")
     assert (verbose.text, verbose.segments) == ("", [])
-    worded = create(
-        client, data, response_format="verbose_json", timestamp_granularities=["word"]
-    )
+    worded = create(client, data, response_format="verbose_json", timestamp_granularities=["word"])
     assert (worded.text, worded.segments, worded.words) == ("", [], [])
     assert create(client, data, response_format="srt") == ""
     chunked = create(client, data, response_format="verbose_json", chunking_strategy="auto")
@@ -408,5 +398,3 @@ def test_words_with_verbose_json(client: openai.OpenAI) -> None:
     assert all(0 <= w.start <= w.end <= result.duration for w in result.words)
     assert result.segments[0].start == 0.0  # segments keep their times
     assert create(client, audio, response_format="verbose_json").words is None
-
-
