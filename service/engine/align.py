@@ -173,6 +173,13 @@ def speech_runs(
     return [(a * frame_seconds, b * frame_seconds) for a, b in runs if b - a >= 3]
 
 
+EMPTY_RUN_COST = 12.0
+"""Nats charged for a stretch of speech given no word: a stretch between pauses almost always
+holds one, so the transcript is spread over the stretches unless the sound says otherwise (a
+word the decoder left out, a cough). Tuned on the bundled model and speech with pauses between
+words: 0 puts 75-80% of word starts within 0.25 s, 12 puts 87-95% there."""
+
+
 def assign_words(
     scores: dict[tuple[int, int, int], float], runs: int, words: int
 ) -> list[tuple[int, int]]:
@@ -180,15 +187,26 @@ def assign_words(
 
     `scores[(r, i, j)]` is log P(words i..j-1, then end-of-text | the audio of run r) (i == j:
     the run holds no word). Returns, per run, its (i, j). Dynamic programming over (run, words
-    placed): each run explains exactly its words, so the likelihoods add up.
+    placed): each run explains exactly its words. Each span's scores are taken relative to
+    their mean over the runs, so what every run shares (the decoder's language model: "mom"
+    alone is unlikely whatever the sound) cancels and the sound decides.
     """
+    keys = {(i, j) for _, i, j in scores}
+    mean = {
+        key: float(np.mean([scores[(r, *key)] for r in range(runs) if (r, *key) in scores]))
+        for key in keys
+    }
+    relative = {
+        (r, i, j): value - mean[(i, j)] - (EMPTY_RUN_COST if i == j else 0.0)
+        for (r, i, j), value in scores.items()
+    }
     best = np.full((runs + 1, words + 1), -np.inf)
     back = np.zeros((runs + 1, words + 1), dtype=np.int64)
     best[0, 0] = 0.0
     for r in range(1, runs + 1):
         for j in range(words + 1):
             for i in range(j + 1):
-                score = scores.get((r - 1, i, j))
+                score = relative.get((r - 1, i, j))
                 if score is None or best[r - 1, i] == -np.inf:
                     continue
                 if best[r - 1, i] + score > best[r, j]:
