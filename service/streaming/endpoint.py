@@ -132,6 +132,7 @@ class Endpointer:
         frame_ms: int = 20,
         threshold_db: float = -50.0,
         detector: SpeechDetector | None = None,
+        tail_ms: int = TAIL_MS,
     ) -> None:
         """Set up for a stream at `sample_rate` Hz.
 
@@ -145,6 +146,7 @@ class Endpointer:
             detector: classifies frames instead of the energy rule (`threshold_db` and the noise
                 floor are then unused); its `frame_samples` sets the frame length and
                 `frame_ms` is ignored.
+            tail_ms: audio kept after the last speech frame (at most `silence_ms`).
 
         Raises:
             ValueError: a duration is not positive (`pre_roll_ms` may be 0), a frame is shorter
@@ -172,7 +174,7 @@ class Endpointer:
         self._silence_frames = math.ceil(silence_ms / frame_ms)
         self._min_speech_frames = math.ceil(min_speech_ms / frame_ms)
         self._pre_roll = round(sample_rate * pre_roll_ms / 1000)
-        self._tail = min(round(sample_rate * TAIL_MS / 1000), self._silence_frames * frame)
+        self._tail = min(round(sample_rate * tail_ms / 1000), self._silence_frames * frame)
         self._max = int(max_utterance_seconds * sample_rate)
         # Between utterances the buffer holds the pre-roll and the run of speech frames that may
         # open an utterance; an utterance that opens must have room for one more frame.

@@ -47,6 +47,12 @@ VadKind = Literal["energy", "silero"]
 SILERO_RATES: Final = {16_000: 512, 8_000: 256}
 """The sample rates Silero VAD takes, and its frame (samples) at each."""
 
+TAIL_MS: Final = 300
+"""Audio kept after Silero's last speech frame. Silero ends speech on the last voiced frame,
+often before a final fricative ("lights" lost its "s" by 140 ms in a test); the bundled model
+also needs some quiet after the last word. The endpoint waits `silence_ms` anyway, so a
+longer tail costs no latency."""
+
 NEGATIVE_OFFSET: Final = 0.15
 """Hysteresis, as in Silero's own `VADIterator`: once in speech, a frame stays speech until its
 probability falls below `threshold - NEGATIVE_OFFSET`, so a soft syllable does not end it."""
@@ -191,6 +197,7 @@ def make_endpointer(
             pre_roll_ms=pre_roll_ms,
             max_utterance_seconds=max_utterance_seconds,
             detector=SileroDetector(sample_rate, threshold),
+            tail_ms=min(TAIL_MS, silence_ms),
         )
     return Endpointer(
         sample_rate,
