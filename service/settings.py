@@ -106,6 +106,12 @@ class Settings(BaseSettings):
         le=64 * 1024 * 1024,
         description="Largest Realtime client event (OpenAI documents 15 MiB per append).",
     )
+    realtime_partial_interval_ms: int = Field(
+        250,
+        ge=100,
+        le=10_000,
+        description="Realtime sessions re-transcribe open speech this often (for deltas).",
+    )
     realtime_max_buffer_seconds: float = Field(
         60.0,
         ge=2,

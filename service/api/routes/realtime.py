@@ -471,7 +471,10 @@ class RealtimeConnection:
                 max_utterance_seconds=MAX_UTTERANCE_SECONDS,
             )
         config = StreamConfig(
-            sample_rate=eff.rate, encoding=eff.encoding, max_utterance_seconds=MAX_UTTERANCE_SECONDS
+            sample_rate=eff.rate,
+            encoding=eff.encoding,
+            max_utterance_seconds=MAX_UTTERANCE_SECONDS,
+            partial_interval_ms=self.settings.realtime_partial_interval_ms,
         )
         self.turns = RealtimeTurns(
             self.engine,
