@@ -31,6 +31,7 @@ def test_realtime_benchmark_accounts_for_every_phrase(tmp_path: Path) -> None:
     assert row["errors"] == 0
     assert row["early_delta_share"] > 0  # some text came while the speaker was talking
     for name in ("delta_p50", "delta_p95", "completed_p50", "completed_p95", "speech_end_p95"):
-        assert math.isfinite(row[name]) and row[name] > 0, (name, row[name])
+        assert math.isfinite(row[name]), name
+        assert row[name] > 0, (name, row[name])
     assert "first delta p95 s" in done.stdout
     assert "target: 16 concurrent real-time Realtime sessions" in done.stdout
