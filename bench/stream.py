@@ -26,19 +26,14 @@ are printed next to them as a cross-check. Absolute numbers depend on the machin
 shares it with the server, so its CPU use and how far it fell behind its schedule are shown too.
 """
 
-import argparse
 import asyncio
 import base64
 import contextlib
-import io
 import json
 import math
 import os
 import random
-import shutil
-import subprocess
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,12 +41,12 @@ from typing import Any
 import httpx
 import numpy as np
 import numpy.typing as npt
-import soundfile as sf
 import soxr
 from websockets.asyncio.client import connect
 
+from bench import common
+from bench.common import percentile, speak
 from bench.serverproc import running_server, scrape
-from service.settings import DEFAULT_MODEL_DIR
 
 RATE = 22_050  # espeak-ng's native rate: the server resamples to the model's rate
 FRAME_SECONDS = 0.02
@@ -129,19 +124,6 @@ class Row:
     mismatches: list[str] = field(default_factory=list)
 
 
-def speak(text: str, rate: int = 160, voice: str = "en-us") -> npt.NDArray[np.float32]:
-    """espeak-ng speech as float32 at its native 22.05 kHz."""
-    if shutil.which("espeak-ng") is None:
-        raise SystemExit("espeak-ng is required: apt-get install -y espeak-ng")
-    wav = subprocess.run(
-        ["espeak-ng", "-v", voice, "-s", str(rate), "--stdout", text],
-        check=True,
-        capture_output=True,
-    ).stdout
-    # espeak-ng's streamed header has no length; the PCM follows the 44-byte header.
-    return np.frombuffer(wav[44:], dtype="<i2").astype(np.float32) / np.float32(32768.0)
-
-
 def build_sessions(count: int, seconds: float) -> list[SessionAudio]:
     """Each session: the phrases, rotated by the session's index, each then a pause, repeated
     until `seconds` of audio. Speech is synthesised once."""
@@ -165,10 +147,6 @@ def build_sessions(count: int, seconds: float) -> list[SessionAudio]:
             at += len(voice) + len(silence)
         sessions.append(SessionAudio(np.concatenate(parts), bounds, texts))
     return sessions
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    return float(np.percentile(values, q)) if values else float("nan")
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -456,6 +434,7 @@ class RealtimeRow:
     speech_end_p50: float
     speech_end_p95: float
     early_delta_share: float
+    deltas_spell_transcript: int
     completed: int
     phrases: int
     sessions_ok: int
@@ -523,6 +502,7 @@ class RealtimeStats:
     completed: list[float]
     speech_end: list[float]
     early: int
+    spelled: int
     items: int
     equal: int
     errors: int
@@ -544,9 +524,10 @@ def analyse_realtime(
         item = e.get("item_id")
         if item is None:
             continue
-        record = by_item.setdefault(item, {"deltas": []})
+        record = by_item.setdefault(item, {"deltas": [], "texts": []})
         if e["type"] == DELTA:
             record["deltas"].append(t)
+            record["texts"].append(e["delta"])
         elif e["type"] in (
             "input_audio_buffer.speech_started",
             "input_audio_buffer.speech_stopped",
@@ -561,7 +542,7 @@ def analyse_realtime(
 
     deltas, completed, speech_end = [], [], []
     matched = [0] * len(audio.bounds)
-    early = equal = 0
+    early = equal = spelled = 0
     for record in by_item.values():
         if "completed" not in record or "stopped" not in record:
             continue
@@ -579,6 +560,7 @@ def analyse_realtime(
         first_text = min(record["deltas"], default=t_done)
         deltas.append(first_text - sent_at(first + 1))
         early += any(t < record["stopped"][0] for t in record["deltas"])
+        spelled += "".join(record["texts"]) == done["transcript"]
         detect = end_s + silence
         k = math.ceil(detect / frame_s - 1e-6) - 1
         reference = run.sent[k] if 0 <= k < len(run.sent) else run.end_sent
@@ -589,7 +571,7 @@ def analyse_realtime(
     if any(m != 1 for m in matched):
         mismatch = f"completed per phrase {matched} ({len(audio.bounds)} phrases)"
     return RealtimeStats(
-        deltas, completed, speech_end, early, sum(matched), equal, errors, mismatch
+        deltas, completed, speech_end, early, spelled, sum(matched), equal, errors, mismatch
     )
 
 
@@ -599,10 +581,10 @@ def upload_texts(url: str) -> dict[str, str]:
     texts = {}
     for text in PHRASES:
         clip = np.concatenate([quiet, speak(text), quiet])
-        wav = io.BytesIO()
-        sf.write(wav, clip, RATE, format="WAV", subtype="PCM_16")
         response = httpx.post(
-            url + "/v1/audio/transcriptions", files={"file": ("a.wav", wav.getvalue())}, timeout=60
+            url + "/v1/audio/transcriptions",
+            files={"file": ("a.wav", common.wav_bytes(clip, RATE))},
+            timeout=60,
         )
         texts[text] = str(response.json()["text"])
     return texts
@@ -658,6 +640,7 @@ def measure_realtime(
         speech_end_p50=percentile(speech_end, 50),
         speech_end_p95=percentile(speech_end, 95),
         early_delta_share=sum(s.early for s in stats) / items if items else float("nan"),
+        deltas_spell_transcript=sum(s.spelled for s in stats),
         completed=items,
         phrases=sum(len(a.bounds) for a in chosen),
         sessions_ok=sum(s.mismatch is None for s in stats),
@@ -711,7 +694,8 @@ def print_realtime(rows: list[RealtimeRow]) -> None:
     print()
     for r in rows:
         print(
-            f"{r.sessions} sessions: completed {r.completed}/{r.phrases}, errors {r.errors}; "
+            f"{r.sessions} sessions: completed {r.completed}/{r.phrases}, deltas spelling the "
+            f"transcript {r.deltas_spell_transcript}/{r.completed}, errors {r.errors}; "
             f"CPU: server {r.server_cpu:.2f} cores, client {r.client_cpu:.2f} cores"
         )
         for line in r.mismatches:
@@ -720,18 +704,11 @@ def print_realtime(rows: list[RealtimeRow]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.stream",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR)
+    parser = common.parser("bench.stream", __doc__)
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 4, 8, 16])
     parser.add_argument(
         "--seconds-per-session", type=float, default=10.0, help="phrases are added until this"
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument(
         "--protocol",
         choices=["stream", "realtime"],

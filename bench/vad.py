@@ -28,7 +28,7 @@ import numpy as np
 import numpy.typing as npt
 import soxr
 
-from bench.stream import speak
+from bench.common import speak
 from service.streaming.vad import make_endpointer, release
 
 RATE = 16_000

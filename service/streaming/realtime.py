@@ -38,6 +38,9 @@ __all__ = ["MIN_COMMIT_MS", "AlwaysSpeech", "Conversation", "RealtimeTurns", "ma
 Event = dict[str, Any]
 Post = Callable[[Event], None]
 
+HOLD_BACK_WORDS: Final = 1
+"""Committed words this close to the end of the current hypothesis wait before becoming deltas."""
+
 MIN_COMMIT_MS: Final = 100
 """The least audio a commit takes, as OpenAI's ("buffer too small. Expected at least 100ms")."""
 
@@ -117,7 +120,7 @@ class RealtimeTurns(StreamSession):
         async def send(ev: Event) -> None:
             post(ev)
 
-        super().__init__(engine, config, params, send, metrics, endpointer)
+        super().__init__(engine, config, params, send, metrics, endpointer=endpointer)
         self.post = post
         self.conversation = conversation
         self.vad = vad
@@ -223,7 +226,12 @@ class RealtimeTurns(StreamSession):
         self, index: int, hypothesis: Hypothesis, start: float, audio_end: float
     ) -> None:
         sent = self.sent.setdefault(index, [])
-        fresh = hypothesis.committed[len(sent) :]
+        # The word at the edge of the audio heard so far is the least reliable: two hypotheses of
+        # a half-spoken word often agree on the same wrong completion ("open the door" for
+        # "open the ga-"). It is sent once a later word follows it, or with the final.
+        words = len(hypothesis.committed) + len(hypothesis.tail)
+        safe = hypothesis.committed[: max(0, words - HOLD_BACK_WORDS)]
+        fresh = safe[len(sent) :]
         if not fresh:
             return
         delta = (" " if sent else "") + " ".join(fresh)

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.engine.engine import Engine
 from service.engine.types import GenerationParams, Transcript
-from service.errors import Overloaded, ServiceError
+from service.errors import Overloaded, ServiceError, error_event
 from service.metrics import Metrics
 from service.streaming.agreement import Hypothesis, LocalAgreement
 from service.streaming.endpoint import Endpointer, Utterance
@@ -79,12 +79,14 @@ class StreamSession:
         params: GenerationParams,
         send: Send,
         metrics: Metrics,
+        request_id: str | None = None,
         endpointer: Endpointer | None = None,
     ) -> None:
         """Start the session's task. `endpointer` (e.g. one with Silero VAD, from
         `service.streaming.vad.make_endpointer`) replaces the energy endpointer built from the
         config; the session owns it and gives its detector back when it ends."""
         self.engine = engine
+        self.request_id = request_id  # carried by every error event of the session
         self.config = config
         self.params = params
         self.send = send
@@ -239,13 +241,7 @@ class StreamSession:
         )
 
     async def _emit_failure(self, index: int, utterance: Utterance, exc: ServiceError) -> None:
-        await self.send(
-            {
-                "type": "error",
-                "utterance": index,
-                "error": {"message": exc.message, "type": exc.type, "code": exc.code},
-            }
-        )
+        await self.send(error_event(exc, self.request_id, utterance=index))
 
     async def _transcribe_final(self, utterance: Utterance) -> Transcript:
         """A final is never dropped for a full queue: it waits and retries until its deadline."""
