@@ -758,7 +758,15 @@ async def _serve(
                         exc.message, code=exc.code, param=exc.param, client_event=client_event
                     )
                 )
-            await connection.outbox.room.wait()
+            if not connection.outbox.room.is_set():  # the client does not read its events
+                try:
+                    await asyncio.wait_for(
+                        connection.outbox.room.wait(), settings.stream_idle_timeout_s
+                    )
+                except TimeoutError:
+                    raise _Close(
+                        POLICY, "policy", "the client does not read the server's events"
+                    ) from None
     except _Close as close:
         await connection.finish(settings.request_timeout_s)
         connection.post(error_event(close.reason, code=close.error_code))
