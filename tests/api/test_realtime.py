@@ -539,3 +539,51 @@ def test_beta_names_and_session_shape(tiny_server: LiveServer) -> None:
             assert ws.close_code == 1008
 
     asyncio.run(scenario())
+
+
+def test_format_changes_between_turns_keep_pending_transcripts(tiny_server: LiveServer) -> None:
+    voice = pcm24(speak("three four five"))
+    quiet = b"\x00\x00" * RATE  # one second of silence ends the turn (server_vad, 500 ms)
+
+    async def append(ws: ClientConnection, data: bytes) -> None:
+        for offset in range(0, len(data), 9600):
+            chunk = base64.b64encode(data[offset : offset + 9600]).decode()
+            await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": chunk}))
+
+    async def scenario() -> list[dict[str, Any]]:
+        events: list[dict[str, Any]] = []
+        async with connect(ws_url(tiny_server)) as ws:
+
+            async def until(kind: str) -> dict[str, Any]:
+                while True:
+                    events.append(await recv(ws))
+                    if events[-1]["type"] == kind:
+                        return events[-1]
+
+            await until("session.created")
+            await append(ws, voice + quiet)
+            await until("input_audio_buffer.committed")  # server_vad found the turn's end
+            manual_pcmu = {
+                "type": "transcription",
+                "audio": {"input": {"format": {"type": "audio/pcmu"}, "turn_detection": None}},
+            }
+            await ws.send(json.dumps({"type": "session.update", "session": manual_pcmu}))
+            await until("session.updated")
+            await append(ws, _ulaw_encode(np.full(4000, 0.01, np.float32)))
+            back = {**manual_pcmu, "audio": {"input": {"format": {"type": "audio/pcm"}}}}
+            await ws.send(json.dumps({"type": "session.update", "event_id": "u2", "session": back}))
+            refused = await until("error")  # audio waits in the buffer: commit or clear first
+            assert refused["error"]["code"] == "invalid_state"
+            assert refused["error"]["event_id"] == "u2"
+            await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+            while sum(e["type"] == COMPLETED for e in events) < 2:
+                events.append(await recv(ws))
+        return events
+
+    events = asyncio.run(scenario())
+    committed = [e for e in events if e["type"] == "input_audio_buffer.committed"]
+    completed = [e for e in events if e["type"] == COMPLETED]
+    assert [e["item_id"] for e in completed] == [e["item_id"] for e in committed]
+    assert committed[1]["previous_item_id"] == committed[0]["item_id"]  # one conversation
+    assert completed[1]["usage"]["seconds"] == pytest.approx(0.5, abs=0.02)  # 4000 at 8 kHz
+    assert not [e for e in events if e["type"] == "error" and e["error"]["code"] != "invalid_state"]
