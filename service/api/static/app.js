@@ -186,23 +186,32 @@ async function microphone() {
   }
 }
 
-/** An audio graph at the model's rate when the browser can resample the microphone, else native. */
-async function captureGraph(stream) {
-  const attempt = async (options) => {
-    const context = new AudioContext(options);
+/** An audio context at the model's rate, made at once: some browsers (Safari) only let a
+ * context start inside the click that asked for it. */
+function modelRateContext() {
+  try {
+    return new AudioContext({ sampleRate: state.config.sampling_rate, latencyHint: "interactive" });
+  } catch {
+    return new AudioContext({ latencyHint: "interactive" });
+  }
+}
+
+/** The microphone as a node of `context`; where the browser cannot resample the microphone to
+ * that rate, a new context at the device's own rate (the server resamples what we send). */
+async function captureGraph(context, stream) {
+  const attempt = async (candidate) => {
     try {
-      await context.audioWorklet.addModule("/static/capture-worklet.js");
-      const source = context.createMediaStreamSource(stream);
-      return { context, source };
+      await candidate.audioWorklet.addModule("/static/capture-worklet.js");
+      return { context: candidate, source: candidate.createMediaStreamSource(stream) };
     } catch (error) {
-      context.close();
+      candidate.close();
       throw error;
     }
   };
   try {
-    return await attempt({ sampleRate: state.config.sampling_rate, latencyHint: "interactive" });
+    return await attempt(context);
   } catch {
-    return attempt({ latencyHint: "interactive" });  // the server resamples whatever rate we send
+    return attempt(new AudioContext({ latencyHint: "interactive" }));
   }
 }
 
@@ -211,8 +220,9 @@ async function startLive() {
   $("record").disabled = true;
   setLiveState("Starting…");
   try {
+    live.context = modelRateContext();
     live.stream = await microphone();
-    const { context, source } = await captureGraph(live.stream);
+    const { context, source } = await captureGraph(live.context, live.stream);
     live.context = context;
     live.source = source;
     live.transcriber = new LiveTranscriber({
