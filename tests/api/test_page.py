@@ -310,6 +310,20 @@ def _seconds(clock: str) -> float:
     return int(minutes) * 60 + float(seconds)
 
 
+def _drop_file(page: Page, selector: str, path: Path) -> None:
+    """Drag and drop `path` onto `selector`, through a real `DataTransfer`."""
+    transfer = page.evaluate_handle(
+        """([name, bytes]) => {
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([new Uint8Array(bytes)], name, { type: "audio/wav" }));
+            return transfer;
+        }""",
+        [path.name, list(path.read_bytes())],
+    )
+    page.dispatch_event(selector, "dragover", {"dataTransfer": transfer})
+    page.dispatch_event(selector, "drop", {"dataTransfer": transfer})
+
+
 @pytest.mark.slow
 def test_file_to_subtitles_download_and_the_api_error(
     server: LiveServer, desktop: Watched, shots: Path, tmp_path: Path
@@ -326,7 +340,8 @@ def test_file_to_subtitles_download_and_the_api_error(
     expect(page.locator("#panel-file")).to_be_visible()
     _shot(page, shots, "file-1-empty")
 
-    page.set_input_files("#file-input", sample)
+    _drop_file(page, "#drop", sample)  # as a person drags it from their files
+    expect(page.locator("#drop-title")).to_have_text(sample.name)
     page.select_option("#format", "srt")
     page.click("#transcribe")
     cue = page.locator("#cues li").first

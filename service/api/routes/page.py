@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException
 
 from service.api import render
 from service.api.deps import EngineDep, SettingsDep
+from service.audio.decode import _SUPPORTED as AUDIO_FORMATS
 
 router = APIRouter(include_in_schema=False)
 
@@ -95,6 +96,7 @@ class PageConfig(BaseModel):
     language: str
     sampling_rate: int
     can_translate: bool
+    audio_formats: str  # the containers uploads may use, as the decoder names them
     max_upload_bytes: int
     max_audio_seconds: float
     response_formats: list[str]
@@ -110,6 +112,7 @@ async def config(engine: EngineDep, settings: SettingsDep) -> PageConfig:
         language=settings.language,
         sampling_rate=engine.info.sampling_rate,
         can_translate=engine.info.can_translate,
+        audio_formats=AUDIO_FORMATS,
         max_upload_bytes=settings.max_upload_bytes,
         max_audio_seconds=settings.max_audio_seconds,
         response_formats=list(get_args(render.ResponseFormat)),

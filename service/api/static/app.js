@@ -89,7 +89,7 @@ async function loadConfig() {
   $("model-rate").hidden = false;
   $("docs-link").hidden = auth;  // the docs page cannot send a key
   $("record").disabled = false;
-  $("drop-hint").textContent = `WAV, FLAC, OGG, Opus or MP3, up to ${formatBytes(state.config.max_upload_bytes)}`;
+  if (!upload.file) $("drop-hint").textContent = uploadHint();
   updateTranscribeButton();
 }
 
@@ -391,6 +391,11 @@ function formatBytes(bytes) {  // with a no-break space: "25 MB" never wraps
   return `${bytes}\u00a0bytes`;
 }
 
+function uploadHint() {
+  const { audio_formats: formats, max_upload_bytes: bytes } = state.config;
+  return `${formats.replace(/, ([^,]+)$/, " or $1")}, up to ${formatBytes(bytes)}`;
+}
+
 function updateTranscribeButton() {
   $("transcribe").disabled = !upload.file || !state.config || upload.busy;
 }
@@ -400,7 +405,7 @@ function chooseFile(file) {
   upload.file = file;
   $("drop").classList.add("chosen");
   $("drop-title").textContent = file.name;
-  $("drop-hint").textContent = `${formatBytes(file.size)} · drop another file or click to change`;
+  $("drop-hint").textContent = `${formatBytes(file.size)} · choose another file to replace it`;
   $("file-error").hidden = true;
   updateTranscribeButton();
 }
@@ -409,14 +414,16 @@ $("file-input").addEventListener("change", () => chooseFile($("file-input").file
 const drop = $("drop");
 drop.addEventListener("dragover", (event) => { event.preventDefault(); drop.classList.add("over"); });
 drop.addEventListener("dragleave", () => drop.classList.remove("over"));
-drop.addEventListener("drop", (event) => {
-  event.preventDefault();
-  drop.classList.remove("over");
-  chooseFile(event.dataTransfer.files[0]);
-});
-// A file dropped beside the zone must not navigate away from the page.
+drop.addEventListener("drop", () => drop.classList.remove("over"));  // the window takes the file
+// A file dropped anywhere on the page is taken (never opened by the browser in its place).
 window.addEventListener("dragover", (event) => event.preventDefault());
-window.addEventListener("drop", (event) => event.preventDefault());
+window.addEventListener("drop", (event) => {
+  event.preventDefault();
+  if (event.dataTransfer && event.dataTransfer.files.length) {
+    selectTab("file");
+    chooseFile(event.dataTransfer.files[0]);
+  }
+});
 
 function showFileError(error) {
   const box = $("file-error");
