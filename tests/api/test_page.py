@@ -23,6 +23,7 @@ from playwright.sync_api import (
     Page,
     Playwright,
     WebSocket,
+    WebSocketRoute,
     expect,
     sync_playwright,
 )
@@ -221,6 +222,45 @@ def _shot(page: Page, shots: Path, name: str) -> None:
     page.screenshot(path=shots / f"{name}.png", animations="disabled", full_page=True)
 
 
+class Relay:
+    """Between the page and the real server's websocket: records what the page sends, and holds
+    the server's finals back until released, so that the state before a final can be seen."""
+
+    def __init__(self, page: Page) -> None:
+        self.urls: list[str] = []
+        self.sent: list[str | bytes] = []
+        self.held: list[str | bytes] = []
+        self.holding = True
+        self.route: WebSocketRoute | None = None
+        page.route_web_socket(re.compile(r".*/v1/audio/stream.*"), self._connect)
+
+    def _connect(self, route: WebSocketRoute) -> None:
+        self.route = route
+        self.urls.append(route.url)
+        server = route.connect_to_server()
+
+        def to_server(message: str | bytes) -> None:
+            self.sent.append(message)
+            server.send(message)
+
+        route.on_message(to_server)
+        server.on_message(self._to_page)
+
+    def _to_page(self, message: str | bytes) -> None:
+        assert self.route is not None
+        if self.holding and '"transcript.final"' in str(message):
+            self.held.append(message)
+        else:
+            self.route.send(message)
+
+    def release(self) -> None:
+        self.holding = False
+        assert self.route is not None
+        for message in self.held:
+            self.route.send(message)
+        self.held.clear()
+
+
 @pytest.mark.slow
 def test_live_microphone_to_final_transcript(
     server: LiveServer, desktop: Watched, shots: Path
@@ -230,23 +270,26 @@ def test_live_microphone_to_final_transcript(
     expect(page.locator("#model-language")).to_have_text("en")
     _shot(page, shots, "live-1-ready")
 
-    sockets: list[WebSocket] = []
-    frames: list[int] = []
-
-    def opened(socket: WebSocket) -> None:
-        sockets.append(socket)
-        socket.on("framesent", lambda frame: frames.append(_size(frame)))
-
-    page.on("websocket", opened)
+    relay = Relay(page)
     page.click("#record")
     expect(page.locator("#record")).to_have_attribute("aria-pressed", "true")
-    # while the words are spoken: the level meter moves, an open line shows the partials
+    # while the words are spoken: the level meter moves, an open line shows the partials, the
+    # words that may still change in a lighter style
     expect(page.locator("#meter")).not_to_have_attribute("aria-valuenow", "-60", timeout=10_000)
-    expect(page.locator("#lines li").first).to_be_visible(timeout=30_000)
+    open_line = page.locator("#lines li.open")
+    expect(open_line.locator(".tail")).not_to_have_text("", timeout=30_000)
+    expect(open_line.locator(".tail")).to_have_css("font-style", "italic")
+    colours = open_line.evaluate(
+        "line => ['.committed', '.tail'].map(c => getComputedStyle(line.querySelector(c)).color)"
+    )
+    assert colours[0] != colours[1]
+    expect(page.locator("#latency")).to_have_text(re.compile(r"^\d+\.\d\d s$"))
     _shot(page, shots, "live-2-listening")
+    relay.release()
 
     final = page.locator("#lines li.final").first
     expect(final.locator(".text")).to_have_text("turn on the lights", timeout=30_000)
+    expect(open_line).to_have_count(0)
     # the final's time range lies within the 0.8-2.4 s where the sample speaks
     start, end = (_seconds(t) for t in final.locator("time").inner_text().split(" – "))
     assert 0.5 <= start < end <= 3.0
@@ -255,10 +298,10 @@ def test_live_microphone_to_final_transcript(
         assert 0 <= float(page.locator(readout).inner_text().split()[0]) < 10
     _shot(page, shots, "live-3-final")
     # the worklet sent 16-bit PCM at the model's rate, in 50 ms messages
-    assert len(sockets) == 1
-    assert "/v1/audio/stream?sample_rate=16000&encoding=pcm_s16le" in sockets[0].url
-    assert len(frames) >= 20
-    assert set(frames) == {1600}
+    assert len(relay.urls) == 1
+    assert "/v1/audio/stream?sample_rate=16000&encoding=pcm_s16le" in relay.urls[0]
+    assert len(relay.sent) >= 20
+    assert {len(m) if isinstance(m, bytes) else -1 for m in relay.sent} == {1600}
 
     page.click("#record")
     expect(page.locator("#live-state")).to_have_text(re.compile("^Stopped"), timeout=30_000)
@@ -298,11 +341,6 @@ def test_live_at_the_device_rate_where_the_browser_cannot_resample(
     rate = int(re.findall(r"sample_rate=(\d+)", sockets[0].url)[0])
     assert rate != 16_000  # the device's own rate, resampled by the server
     desktop.assert_clean()
-
-
-def _size(frame: str | bytes) -> int:
-    """Bytes of a binary websocket message; -1 for a text one."""
-    return len(frame) if isinstance(frame, bytes) else -1
 
 
 def _seconds(clock: str) -> float:
