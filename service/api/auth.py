@@ -11,13 +11,12 @@ is open only if configured so.
 
 import hashlib
 import hmac
-import json
 from urllib.parse import parse_qs
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.api.errors import error_body
-from service.api.observe import facts
+from service.api.errors import send_error
+from service.errors import Unauthorized
 
 ALWAYS_OPEN = frozenset({"/health", "/ready", "/"})
 OPEN_PREFIX = "/static/"  # the page's scripts, style sheet and icon
@@ -77,23 +76,4 @@ class ApiKeyAuth:
         return matched
 
     async def _refuse(self, scope: Scope, send: Send, message: str) -> None:
-        record = facts(scope)
-        record.error_code = "invalid_api_key"
-        body = json.dumps(
-            error_body(message, "invalid_request_error", "invalid_api_key", None, record.request_id)
-        ).encode()
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"www-authenticate", b"Bearer"),
-        ]
-        if scope["type"] == "http":
-            await send({"type": "http.response.start", "status": 401, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
-        elif "websocket.http.response" in scope.get("extensions", {}):
-            # refuse the handshake itself with a 401, before any accept
-            start = {"type": "websocket.http.response.start", "status": 401, "headers": headers}
-            await send(start)
-            await send({"type": "websocket.http.response.body", "body": body})
-        else:  # a server without the denial-response extension: the handshake fails (403)
-            await send({"type": "websocket.close", "code": 1008, "reason": message})
+        await send_error(scope, send, Unauthorized(message))
