@@ -374,6 +374,7 @@ def test_file_to_subtitles_download_and_the_api_error(
     ).text
     page = desktop.page
     _ready(page, server.url)
+    expect(page).to_have_title("w2v2-bert-commands-en · speech-serve")
     page.click("#tab-file")
     expect(page.locator("#panel-file")).to_be_visible()
     _shot(page, shots, "file-1-empty")
@@ -400,6 +401,7 @@ def test_file_to_subtitles_download_and_the_api_error(
     )
     assert refusal.status_code == 415
     page.set_input_files("#file-input", garbage)
+    expect(page.locator("#result")).to_be_hidden()  # the last file's result goes with it
     page.click("#transcribe")
     expect(page.locator("#file-error")).to_contain_text(refusal.json()["error"]["message"])
     expect(page.locator("#file-error")).to_contain_text("415")

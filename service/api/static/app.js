@@ -81,6 +81,7 @@ async function loadConfig() {
   $("key-form").hidden = true;
   const { model, language, sampling_rate: rate, auth } = state.config;
   setModelLine(model, "ok");
+  document.title = `${model} · speech-serve`;
   $("model").title = `${state.config.architecture}, ${rate} Hz`;
   $("model-language").textContent = language;
   $("model-language").title = "Language";
@@ -407,6 +408,7 @@ function chooseFile(file) {
   $("drop-title").textContent = file.name;
   $("drop-hint").textContent = `${formatBytes(file.size)} · choose another file to replace it`;
   $("file-error").hidden = true;
+  $("result").hidden = true;  // the result shown was another file's
   updateTranscribeButton();
 }
 
@@ -436,7 +438,11 @@ $("transcribe").addEventListener("click", async () => {
   if (!upload.file || upload.busy) return;
   upload.busy = true;
   const format = $("format").value;
+  const started = performance.now();
   $("transcribe").textContent = "Transcribing…";
+  const ticker = setInterval(() => {
+    $("transcribe").textContent = `Transcribing… ${Math.round((performance.now() - started) / 1000)} s`;
+  }, 1000);
   updateTranscribeButton();
   $("file-error").hidden = true;
   $("result").hidden = true;
@@ -444,7 +450,6 @@ $("transcribe").addEventListener("click", async () => {
   form.append("file", upload.file, upload.file.name);
   form.append("model", state.config.model);
   form.append("response_format", format);
-  const started = performance.now();
   try {
     const response = await api("/v1/audio/transcriptions", { method: "POST", body: form });
     if (!response.ok) {
@@ -459,6 +464,7 @@ $("transcribe").addEventListener("click", async () => {
   } catch (error) {
     showFileError({ status: null, message: error.message });
   } finally {
+    clearInterval(ticker);
     upload.busy = false;
     $("transcribe").textContent = "Transcribe";
     updateTranscribeButton();
