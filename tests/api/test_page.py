@@ -38,6 +38,7 @@ KEY = "page-test-key"
 CHROMIUM_FLAGS = [
     "--no-sandbox",  # tests run as root
     "--disable-gpu",
+    "--disable-dev-shm-usage",  # containers often have a 64 MB /dev/shm
     "--disable-background-networking",
     "--disable-component-update",
     "--disable-sync",
