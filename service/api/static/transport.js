@@ -121,13 +121,18 @@ export class LiveTranscriber {
     if (this.marks.length > 2000) this.marks.splice(0, this.marks.length - 2000);
   }
 
-  /** End of audio: the open utterance becomes the last final; resolves once the server closed. */
-  async finish() {
+  /** End of audio: the open utterance becomes the last final; resolves once the server closed
+   * (or, if it has not within `waitSeconds`, after closing the socket from this side). */
+  async finish(waitSeconds = 30) {
     if (this.socket && this.socket.readyState === WebSocket.OPEN) {
       this.endSentAt = performance.now();
       this.socket.send(JSON.stringify({ type: "end" }));
     }
-    await this.finished;
+    let timer = null;
+    const late = new Promise((resolve) => { timer = setTimeout(resolve, waitSeconds * 1000); });
+    await Promise.race([this.finished, late]);
+    clearTimeout(timer);
+    this.close();
   }
 
   /** Drop the session at once (its pending work is cancelled by the server). */
