@@ -296,7 +296,8 @@ def test_bad_client_events_get_error_events_and_the_session_goes_on(
 
     async def scenario() -> None:
         async with connect(ws_url(tiny_server)) as ws:
-            assert (await recv(ws))["type"] == "session.created"
+            created = await recv(ws)
+            assert created["type"] == "session.created"
             await expect_error(ws, "{nope", "invalid_json", None)
             await expect_error(ws, b"\x00\x01", "invalid_value", None)
             await expect_error(
@@ -369,6 +370,9 @@ def test_bad_client_events_get_error_events_and_the_session_goes_on(
                 "invalid_value",
                 f"{inp}.transcription.prompt",
             )
+            # the session object of session.created, sent back as it came, is a valid update
+            await ws.send(json.dumps({"type": "session.update", "session": created["session"]}))
+            assert (await recv(ws))["type"] == "session.updated"
             # the session is still there and takes a good update (an alias names the model)
             await ws.send(
                 json.dumps(

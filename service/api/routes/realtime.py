@@ -140,6 +140,7 @@ class TranscriptionSession(_Strict):
     """The GA `session` object of a transcription session (what `session.update` carries)."""
 
     type: Literal["transcription"]
+    object: Literal["realtime.transcription_session"] | None = None  # as sent back by clients
     audio: Audio = Audio()
     include: list[Literal["item.input_audio_transcription.logprobs"]] | None = None
 
