@@ -1,23 +1,27 @@
 """Optional API keys, checked before any route runs (and before a websocket is accepted).
 
 Clients send the key as the OpenAI clients do, `Authorization: Bearer <key>`, or as
-`X-API-Key: <key>`; websockets may also pass `?api_key=<key>` (browsers cannot set headers on a
-websocket). Keys are compared as SHA-256 digests with `hmac.compare_digest` against every
-configured key, so the time taken says nothing about how much of a key matched or which one.
-The probes (`/health`, `/ready`) are always open; `/metrics` is open only if configured so.
+`X-API-Key: <key>`; websockets may also pass `?api_key=<key>` or, as OpenAI's Realtime API
+takes it from browsers, the subprotocol `openai-insecure-api-key.<key>` (browsers cannot set
+headers on a websocket). Keys are compared as SHA-256 digests with `hmac.compare_digest`
+against every configured key, so the time taken says nothing about how much of a key matched
+or which one. The probes (`/health`, `/ready`) and the browser page's static files (`/`,
+`/static/...`: a browser cannot send a key when it navigates; the page asks for one) are always
+open; `/metrics` is open only if configured so.
 """
 
 import hashlib
 import hmac
-import json
 from urllib.parse import parse_qs
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.api.errors import error_body
-from service.api.observe import facts
+from service.api.errors import send_error
+from service.errors import Unauthorized
 
-ALWAYS_OPEN = frozenset({"/health", "/ready"})
+ALWAYS_OPEN = frozenset({"/health", "/ready", "/"})
+OPEN_PREFIX = "/static/"  # the page's scripts, style sheet and icon
+SUBPROTOCOL_PREFIX = "openai-insecure-api-key."
 
 
 def _digest(key: str) -> bytes:
@@ -37,6 +41,7 @@ class ApiKeyAuth:
             scope["type"] not in ("http", "websocket")
             or not self.digests
             or scope.get("path") in self.open_paths
+            or str(scope.get("path", "")).startswith(OPEN_PREFIX)
         ):
             await self.app(scope, receive, send)
             return
@@ -60,6 +65,11 @@ class ApiKeyAuth:
         if b"x-api-key" in headers:
             return headers[b"x-api-key"].decode("latin-1")
         if scope["type"] == "websocket":
+            for protocol in scope.get("subprotocols") or []:
+                if protocol.startswith(SUBPROTOCOL_PREFIX) and len(protocol) > len(
+                    SUBPROTOCOL_PREFIX
+                ):
+                    return str(protocol[len(SUBPROTOCOL_PREFIX) :])
             values = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("api_key")
             if values:
                 return values[0]
@@ -73,23 +83,4 @@ class ApiKeyAuth:
         return matched
 
     async def _refuse(self, scope: Scope, send: Send, message: str) -> None:
-        record = facts(scope)
-        record.error_code = "invalid_api_key"
-        body = json.dumps(
-            error_body(message, "invalid_request_error", "invalid_api_key", None, record.request_id)
-        ).encode()
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"www-authenticate", b"Bearer"),
-        ]
-        if scope["type"] == "http":
-            await send({"type": "http.response.start", "status": 401, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
-        elif "websocket.http.response" in scope.get("extensions", {}):
-            # refuse the handshake itself with a 401, before any accept
-            start = {"type": "websocket.http.response.start", "status": 401, "headers": headers}
-            await send(start)
-            await send({"type": "websocket.http.response.body", "body": body})
-        else:  # a server without the denial-response extension: the handshake fails (403)
-            await send({"type": "websocket.close", "code": 1008, "reason": message})
+        await send_error(scope, send, Unauthorized(message))

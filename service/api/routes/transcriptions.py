@@ -37,9 +37,11 @@ from service.errors import (
     ServiceError,
     Unsupported,
     UnsupportedMediaType,
+    error_event,
 )
 from service.settings import Settings
 from service.streaming.detok import IncrementalDetokenizer
+from service.streaming.vad import plan_speech_windows
 
 router = APIRouter(tags=["audio"], responses=ERROR_RESPONSES)
 
@@ -113,24 +115,26 @@ async def _decode(
 
 
 def _plan(
-    audio: np.ndarray, rate: int, max_window: float, chunking: ChunkingStrategy | None
+    audio: np.ndarray,
+    rate: int,
+    max_window: float,
+    chunking: ChunkingStrategy | None,
+    settings: Settings,
 ) -> list[Window] | None:
     """Where to cut the audio: `None` for one block, else windows at pauses (none: silence).
 
-    Without `chunking_strategy`, only audio longer than the window limit is cut. With it, the
+    Without `chunking_strategy`, only audio longer than the window limit is cut (at the speech
+    `STT_LONG_AUDIO_VAD`'s detector finds). With it, the
     audio is always cut at pauses: `auto` with the defaults, `server_vad` with its knobs
     (`silence_duration_ms`: the pause that ends a window; `prefix_padding_ms`: audio kept
     before the speech; `threshold` 0..1: how far above the recording's noise floor a frame
     must be to count as speech, 0 to 24 dB).
     """
-    if chunking is None:
-        return (
-            plan_windows(audio, rate, max_window=max_window)
-            if len(audio) > max_window * rate
-            else None
-        )
-    if chunking.type == "auto":
-        return plan_windows(audio, rate, max_window=max_window)
+    if chunking is None and len(audio) <= max_window * rate:
+        return None
+    if chunking is None or chunking.type == "auto":
+        vad = settings.long_audio_vad
+        return plan_speech_windows(audio, rate, max_window=max_window, vad=vad)
     return plan_windows(
         audio,
         rate,
@@ -161,7 +165,9 @@ async def _handle(
     max_window = settings.max_window_seconds
     if engine.info.architecture == "whisper":  # Whisper sees at most 30 s
         max_window = min(max_window, 30.0)
-    windows = _plan(audio, rate, max_window, body.chunking_strategy)
+    windows = await asyncio.to_thread(
+        _plan, audio, rate, max_window, body.chunking_strategy, settings
+    )
     if windows is None and not has_speech(audio, rate):
         windows = []  # silence, hiss or a steady tone: no words, and no model call
     reply = _Reply(engine, settings, body, params, duration, record)
@@ -296,8 +302,7 @@ def _sse(event: dict[str, object]) -> str:
 
 def _error_event(exc: ServiceError, record: RequestFacts) -> str:
     record.error_code = exc.code
-    error = {"message": exc.message, "type": exc.type, "param": None, "code": exc.code}
-    return _sse({"type": "error", "error": {**error, "request_id": record.request_id}})
+    return _sse(error_event(exc, record.request_id))
 
 
 def _delta(text: str, logprobs: list[render.TokenLogprob] | None) -> str:
