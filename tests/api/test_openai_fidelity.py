@@ -255,6 +255,22 @@ def test_digital_silence_gives_no_words_on_every_path(client: openai.OpenAI, sec
     assert events[0].text == ""
 
 
+def test_digital_silence_on_the_websocket_gives_no_words(server: LiveServer) -> None:
+    from websockets.sync.client import connect
+
+    url = server.url.replace("http", "ws") + "/v1/audio/stream?sample_rate=16000"
+    with connect(url) as ws:
+        assert json.loads(ws.recv())["type"] == "session.created"
+        for _ in range(30):  # 3 s of digital silence in 100 ms frames
+            ws.send(bytes(3200))
+        ws.send(json.dumps({"type": "end"}))
+        events = []
+        while (event := json.loads(ws.recv()))["type"] != "session.ended":
+            events.append(event)
+    assert all(e.get("text", "") == "" for e in events), events
+    assert not [e for e in events if e["type"] == "error"]
+
+
 def test_steady_noise_and_tones_give_no_words(client: openai.OpenAI) -> None:
     rng = np.random.default_rng(0)
     t = np.arange(3 * RATE) / RATE
