@@ -1,0 +1,359 @@
+"""The service on Ray Serve (`python -m service.scale`), on a local Ray cluster this module starts.
+
+One cluster for the whole module, bound to loopback and stopped at the end (only the cluster
+this process started: `ray.shutdown()`, never a machine-wide `ray stop`). One deployment,
+scaled between 1 and 2 replicas, serves every test: a load step scales it up and spreads the
+traffic over both replicas, idleness scales it back down, a replica is killed under load,
+a websocket session and the error shapes go through Ray's proxy, and the proxy's queue refuses
+with 429 and Retry-After when every replica is full.
+"""
+
+import asyncio
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+# Ray reads this when imported: with it, Ray uses loopback for this node instead of the
+# machine's outside address (nothing here is reachable from another host).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+import ray
+from ray import serve
+
+from tests.api.test_stream import RATE, pcm16, spoken, stream_audio
+
+pytestmark = pytest.mark.slow
+
+APP = "speech-serve"
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "model_store/w2v2-bert-commands-en/samples/06-turn-on-the.wav"
+SAMPLE_TEXT = "turn on the lights"
+BATCH = 4  # STT_MAX_BATCH_SIZE of each replica
+STREAMS = 2  # STT_MAX_STREAMS of each replica
+SLOTS = 2 * BATCH + STREAMS  # max_ongoing_requests by the default rule
+QUEUED = 2 * BATCH * 2  # max_queued_requests by the default rule (two batches per replica)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Cluster:
+    url: str
+    targets_file: Path
+
+    def running_count(self) -> int:
+        """Replicas Serve itself reports RUNNING."""
+        status = serve.status().applications[APP].deployments["speech"]
+        return int(status.replica_states.get("RUNNING", 0))
+
+    def targets(self) -> dict[str, str]:
+        """replica id -> metrics address, as the service wrote them for Prometheus."""
+        groups = json.loads(self.targets_file.read_text())
+        return {g["labels"]["replica"]: g["targets"][0] for g in groups}
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.25)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    from ray._private import ray_constants
+
+    assert not ray_constants.ENABLE_RAY_CLUSTER, "ray was imported before this module"
+    work = tmp_path_factory.mktemp("ray")
+    env = {
+        "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "service.scale.proxy:middlewares",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        # the cluster's processes (proxy, replicas) inherit this process's environment
+        for name, value in env.items():
+            patch.setenv(name, value)
+        ray.init(
+            address="local",  # a new cluster, whatever else runs on this machine
+            _node_ip_address="127.0.0.1",
+            include_dashboard=False,
+            num_cpus=4,
+            _temp_dir=str(work),
+            log_to_driver=False,
+        )
+    port = free_port()
+    targets_file = work / "targets.json"
+    log = (work / "scale.log").open("w+")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "service.scale",
+            "--address",
+            ray.get_runtime_context().gcs_address,
+            "--node-ip-address",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--targets-file",
+            str(targets_file),
+            "--min-replicas",
+            "1",
+            "--max-replicas",
+            "2",
+            "--target-ongoing-requests",
+            "2",
+            "--upscale-delay-s",
+            "1",
+            "--downscale-delay-s",
+            "3",
+        ],
+        env={
+            **os.environ,
+            **env,
+            "STT_MAX_BATCH_SIZE": str(BATCH),
+            "STT_MAX_STREAMS": str(STREAMS),
+            "STT_DRAIN_TIMEOUT_S": "2",
+        },
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=REPO,
+    )
+    try:
+        wait_for(
+            "python -m service.scale to say ready",
+            lambda: proc.poll() is not None or "ready: http://" in Path(log.name).read_text(),
+            timeout=180,
+        )
+        assert proc.poll() is None, Path(log.name).read_text()[-3000:]
+        yield Cluster(url=f"http://127.0.0.1:{port}", targets_file=targets_file)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        ray.shutdown()  # stops the local cluster this module started, and only it
+
+
+@dataclass
+class Load:
+    """Closed-loop upload clients; every request sent is accounted for in `answers`."""
+
+    url: str
+    clients: int
+    answers: list[tuple[int, dict | str, str | None]] = field(default_factory=list)
+    lost: list[str] = field(default_factory=list)
+    sent: int = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        audio = SAMPLE.read_bytes()
+        async with httpx.AsyncClient(timeout=60) as client:
+
+            async def one_client() -> None:
+                while not stop.is_set():
+                    self.sent += 1
+                    try:
+                        r = await client.post(
+                            self.url + "/v1/audio/transcriptions",
+                            files={"file": ("a.wav", audio, "audio/wav")},
+                        )
+                    except httpx.HTTPError as exc:
+                        self.lost.append(repr(exc))
+                        continue
+                    body = (
+                        r.json() if r.headers.get("content-type") == "application/json" else r.text
+                    )
+                    self.answers.append((r.status_code, body, r.headers.get("retry-after")))
+
+            await asyncio.gather(*(one_client() for _ in range(self.clients)))
+
+    def statuses(self) -> Counter[int]:
+        return Counter(status for status, _, _ in self.answers)
+
+
+async def load_until(
+    cluster: Cluster, clients: int, done: Callable[[], bool], timeout: float, then: float = 0.0
+) -> Load:
+    """Run `clients` closed-loop clients until `done()` holds (checked off the loop), then
+    `then` seconds more."""
+    load = Load(cluster.url, clients)
+    stop = asyncio.Event()
+    task = asyncio.create_task(load.run(stop))
+    try:
+        await asyncio.to_thread(wait_for, "the load's effect", done, timeout)
+        await asyncio.sleep(then)
+    finally:
+        stop.set()
+        await task
+    return load
+
+
+def stt_requests(address: str, status: str = "200") -> float:
+    """Uploads a replica answered with `status`, from its own metrics endpoint."""
+    text = httpx.get(f"http://{address}/metrics", timeout=10).text
+    pattern = (
+        r'^stt_requests_total\{endpoint="/v1/audio/transcriptions",response_format="json",'
+        rf'status="{status}"\}} ([0-9.e+]+)$'
+    )
+    return sum(float(m) for m in re.findall(pattern, text, flags=re.M))
+
+
+def test_load_step_scales_out_spreads_traffic_and_scales_back(cluster: Cluster) -> None:
+    wait_for("one replica at rest", lambda: cluster.running_count() == 1, 60)
+    (only,) = cluster.targets()
+    before = {only: stt_requests(cluster.targets()[only])}
+    started = time.monotonic()
+    load = asyncio.run(
+        load_until(
+            cluster, clients=8, done=lambda: len(cluster.targets()) == 2, timeout=90, then=3.0
+        )
+    )
+    scaled_out_s = time.monotonic() - started - 3.0
+    assert cluster.running_count() == 2
+    assert not load.lost
+    assert load.statuses()[200] == len(load.answers), load.statuses()
+    assert all(body["text"] == SAMPLE_TEXT for _, body, _ in load.answers)  # type: ignore[index]
+    served = {
+        replica: stt_requests(address) - before.get(replica, 0.0)
+        for replica, address in cluster.targets().items()
+    }
+    # the replicas' own counters account for every answer, and both took a share
+    assert sum(served.values()) == len(load.answers)
+    assert all(count > 0 for count in served.values()), served
+    print(f"scaled 1 -> 2 in {scaled_out_s:.1f} s under 8 clients; answers by replica {served}")
+
+
+def test_replica_killed_under_load_answers_or_503_and_is_replaced(cluster: Cluster) -> None:
+    async def scenario() -> tuple[Load, str]:
+        load = Load(cluster.url, clients=8)
+        stop = asyncio.Event()
+        task = asyncio.create_task(load.run(stop))
+        try:
+            await asyncio.to_thread(
+                wait_for, "two replicas", lambda: len(cluster.targets()) == 2, 90
+            )
+            victim = sorted(cluster.targets())[0]
+            served_before = len(load.answers)
+            await asyncio.to_thread(
+                wait_for,
+                "answers after the scale-out",
+                lambda: len(load.answers) > served_before + 8,
+                30,
+            )
+            (name,) = [
+                a["name"]
+                for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["name"].startswith("SERVE_REPLICA::") and a["name"].endswith(victim)
+            ]
+            ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+            # keep the load on while Serve replaces it
+            await asyncio.to_thread(
+                wait_for,
+                "a replacement replica",
+                lambda: victim not in cluster.targets() and len(cluster.targets()) == 2,
+                90,
+            )
+        finally:
+            stop.set()
+            await task
+        return load, victim
+
+    load, victim = asyncio.run(scenario())
+    assert not load.lost, load.lost[:3]
+    assert len(load.answers) == load.sent
+    statuses = load.statuses()
+    assert set(statuses) <= {200, 503}, statuses
+    for status, body, retry_after in load.answers:
+        if status == 200:
+            assert body["text"] == SAMPLE_TEXT  # type: ignore[index]
+        else:
+            assert body["error"]["code"] == "unavailable"  # type: ignore[index]
+            assert retry_after is not None
+    assert victim not in cluster.targets()
+    print(f"replica killed under 8 clients: {dict(statuses)}")
+    started = time.monotonic()
+    wait_for("scale back to one replica", lambda: len(cluster.targets()) == 1, 60)
+    wait_for("Serve to report one replica", lambda: cluster.running_count() == 1, 30)
+    print(f"scaled 2 -> 1 in {time.monotonic() - started:.1f} s after the load stopped")
+
+
+def test_websocket_session_through_the_proxy(cluster: Cluster) -> None:
+    speech = spoken(("turn on the lights", "three four five"))
+    url = cluster.url.replace("http://", "ws://") + f"/v1/audio/stream?sample_rate={RATE}"
+    events, _ = asyncio.run(stream_audio(url, pcm16(speech.audio), frame_bytes=2 * RATE // 50))
+    finals = [e["text"] for _, e in events if e["type"] == "transcript.final"]
+    assert finals == ["turn on the lights", "three four five"]
+
+
+def test_uploads_sse_and_errors_keep_their_shape_through_the_proxy(cluster: Cluster) -> None:
+    audio = SAMPLE.read_bytes()
+    with httpx.Client(base_url=cluster.url, timeout=60) as client:
+        r = client.post(
+            "/v1/audio/transcriptions",
+            files={"file": ("a.wav", audio)},
+            data={"model": "nope"},
+        )
+        assert r.status_code == 404
+        assert r.json()["error"]["code"] == "model_not_found"
+        assert r.json()["error"]["param"] == "model"
+        r = client.post("/v1/audio/transcriptions", files={"file": ("a.wav", b"not audio")})
+        assert r.status_code == 415
+        assert r.json()["error"]["code"] == "unsupported_media_type"
+        with client.stream(
+            "POST",
+            "/v1/audio/transcriptions",
+            files={"file": ("a.wav", audio)},
+            data={"stream": "true"},
+        ) as r:
+            assert r.headers["content-type"].startswith("text/event-stream")
+            events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+        assert events[-1]["type"] == "transcript.text.done"
+        assert events[-1]["text"] == SAMPLE_TEXT
+        assert "".join(e["delta"] for e in events[:-1]) == SAMPLE_TEXT
+
+
+def test_full_proxy_queue_refuses_with_429_and_retry_after(cluster: Cluster) -> None:
+    """More uploads at once than every replica's slots plus the proxy's queue: the rest are
+    refused at once in the error shape, never queued without bound."""
+    audio = SAMPLE.read_bytes()
+    burst = 2 * (SLOTS + QUEUED) + 8
+
+    async def fire() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=burst)) as c:
+            return await asyncio.gather(
+                *(
+                    c.post(
+                        cluster.url + "/v1/audio/transcriptions", files={"file": ("a.wav", audio)}
+                    )
+                    for _ in range(burst)
+                )
+            )
+
+    responses = asyncio.run(fire())
+    statuses = Counter(r.status_code for r in responses)
+    assert set(statuses) <= {200, 429}, statuses
+    assert statuses[429] >= 1, statuses
+    for r in responses:
+        if r.status_code == 429:
+            assert r.json()["error"]["code"] == "queue_full"
+            assert int(r.headers["retry-after"]) >= 1
+        else:
+            assert r.json()["text"] == SAMPLE_TEXT
+    print(f"burst of {burst}: {dict(statuses)}")
