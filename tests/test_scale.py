@@ -58,7 +58,8 @@ class Cluster:
     def running_count(self) -> int:
         """Replicas Serve itself reports RUNNING."""
         status = serve.status().applications[APP].deployments["speech"]
-        return int(status.replica_states.get("RUNNING", 0))
+        states = {getattr(k, "value", str(k)): v for k, v in status.replica_states.items()}
+        return int(states.get("RUNNING", 0))
 
     def targets(self) -> dict[str, str]:
         """replica id -> metrics address, as the service wrote them for Prometheus."""

@@ -133,5 +133,5 @@ class SpeechReplica:
 def build_app(args: dict[str, Any] | ScaleOptions | None = None) -> Application:
     """The Serve application (`serve run service.scale.deployment:build_app key=value`)."""
     options = args if isinstance(args, ScaleOptions) else ScaleOptions(**(args or {}))
-    deployment = serve.deployment(SpeechReplica).options(**options.deployment_options())
+    deployment = serve.deployment(**options.deployment_options())(SpeechReplica)
     return deployment.bind(options.overrides())
