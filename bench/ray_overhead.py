@@ -48,7 +48,7 @@ def tree_rss_mb(root: int) -> float:
 def ray_server(model_dir: Path, log: Path) -> Iterator[tuple[str, int, float, float]]:
     """`python -m service.scale` with one replica: (url, pid, launch-to-ready s, deploy s)."""
     port = free_port()
-    env = {**os.environ, "STT_MODEL_DIR": str(model_dir), "STT_LOG_LEVEL": "warning"}
+    env = {**os.environ, "STT_MODEL_DIR": str(model_dir)}  # info: its ready line is read
     started = time.monotonic()
     with log.open("w") as out:
         proc = subprocess.Popen(

@@ -163,10 +163,10 @@ EXPECTED: dict[str, Callable[[Result], bool]] = {
     "histogram_quantile(0.95, sum by (stage, le) (rate(stt_stage_duration_seconds_bucket[W])))": (
         lambda r: {"features", "encoder", "decoding"} <= labels(r, "stage") and positive(r)
     ),
-    "sum by (worker, device) (rate(stt_worker_busy_seconds_total[W]))": (
+    "sum by (replica, worker, device) (rate(stt_worker_busy_seconds_total[W]))": (
         lambda r: labels(r, "device") == {"cpu"} and positive(r) and max(values(r)) <= 1.01
     ),
-    "sum by (worker, device) (rate(stt_worker_batches_total[W]))": (
+    "sum by (replica, worker, device) (rate(stt_worker_batches_total[W]))": (
         lambda r: labels(r, "device") == {"cpu"} and positive(r)
     ),
     "stt_event_loop_tasks": positive,

@@ -21,7 +21,10 @@ PROXY_CALLBACK = "service.scale.proxy:middlewares"
 # Ray's processes inherit these from whoever starts the cluster (here, for a local one; on a
 # cluster, the environment of `ray start` on each node).
 os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", PROXY_CALLBACK)
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+if not any(arg.startswith("--address") for arg in sys.argv):
+    # a local cluster: Ray then uses loopback, not the machine's outside address (read when
+    # `ray` is imported); joining a cluster keeps Ray's own choice of address
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "32")
 
 import ray  # noqa: E402
