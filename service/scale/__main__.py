@@ -137,10 +137,8 @@ def main(argv: list[str] | None = None) -> None:
         while not stop.wait(2.0):
             targets.write_sd_file(args.targets_file)
     finally:
-        serve.delete(args.app_name)
-        if not args.address:
-            serve.shutdown()
-        ray.shutdown()
+        serve.delete(args.app_name)  # replicas drain (graceful_shutdown_timeout_s)
+        ray.shutdown()  # a local cluster stops with its driver; a joined one stays up
 
 
 if __name__ == "__main__":
