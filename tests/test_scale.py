@@ -5,13 +5,15 @@ this process started: `ray.shutdown()`, never a machine-wide `ray stop`). One de
 scaled between 1 and 2 replicas, serves every test: a load step scales it up and spreads the
 traffic over both replicas, idleness scales it back down, a replica is killed under load,
 a websocket session and the error shapes go through Ray's proxy, and the proxy's queue refuses
-with 429 and Retry-After when every replica is full.
+with 429 and Retry-After when every replica is full; Debian's Prometheus scrapes every replica
+through the targets file the service writes (service/deploy/ray/prometheus.yml).
 """
 
 import asyncio
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 # Ray reads this when imported: with it, Ray uses loopback for this node instead of the
 # machine's outside address (nothing here is reachable from another host).
@@ -153,6 +156,45 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         ray.shutdown()  # stops the local cluster this module started, and only it
 
 
+@pytest.fixture(scope="module")
+def prometheus(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Debian's `prometheus` with the repository's Ray scrape config (service/deploy/ray/),
+    reading the targets file the service writes; yields its URL."""
+    binary = shutil.which("prometheus")
+    assert binary, "Prometheus is required: apt-get install -y prometheus"
+    root = tmp_path_factory.mktemp("prometheus")
+    config = yaml.safe_load((REPO / "service/deploy/ray/prometheus.yml").read_text())
+    config["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
+    (job,) = config["scrape_configs"]
+    job["file_sd_configs"][0].update(files=[str(cluster.targets_file)], refresh_interval="1s")
+    (root / "prometheus.yml").write_text(yaml.safe_dump(config))
+    address = f"127.0.0.1:{free_port()}"
+    proc = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={root / 'prometheus.yml'}",
+            f"--storage.tsdb.path={root / 'data'}",
+            f"--web.listen-address={address}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield f"http://{address}"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def promql(url: str, expr: str) -> dict[str, float]:
+    """`expr`'s value per `replica` label, from Prometheus (empty while it is not up)."""
+    try:
+        answer = httpx.get(f"{url}/api/v1/query", params={"query": expr}, timeout=5).json()
+    except httpx.TransportError:
+        return {}
+    return {r["metric"].get("replica", ""): float(r["value"][1]) for r in answer["data"]["result"]}
+
+
 @dataclass
 class Load:
     """Closed-loop upload clients; every request sent is accounted for in `answers`."""
@@ -216,8 +258,11 @@ def stt_requests(address: str, status: str = "200") -> float:
     return sum(float(m) for m in re.findall(pattern, text, flags=re.M))
 
 
-def test_load_step_scales_out_spreads_traffic_and_scales_back(cluster: Cluster) -> None:
+def test_load_step_scales_out_spreads_traffic_and_scales_back(
+    cluster: Cluster, prometheus: str
+) -> None:
     wait_for("one replica at rest", lambda: cluster.running_count() == 1, 60)
+    wait_for("Prometheus to scrape the replica", lambda: bool(promql(prometheus, "up == 1")), 60)
     (only,) = cluster.targets()
     before = {only: stt_requests(cluster.targets()[only])}
     started = time.monotonic()
@@ -238,6 +283,12 @@ def test_load_step_scales_out_spreads_traffic_and_scales_back(cluster: Cluster) 
     # the replicas' own counters account for every answer, and both took a share
     assert sum(served.values()) == len(load.answers)
     assert all(count > 0 for count in served.values()), served
+    # Prometheus has each replica's own counters, labelled by replica
+    ok = 'sum by (replica) (stt_requests_total{endpoint="/v1/audio/transcriptions",status="200"})'
+    totals = {replica: stt_requests(address) for replica, address in cluster.targets().items()}
+    wait_for(
+        "Prometheus to see both replicas' counts", lambda: promql(prometheus, ok) == totals, 30
+    )
     print(f"scaled 1 -> 2 in {scaled_out_s:.1f} s under 8 clients; answers by replica {served}")
 
 
