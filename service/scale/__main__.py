@@ -66,6 +66,12 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, ScaleOptions]:
         help="Prometheus file_sd file listing each replica's metrics address",
     )
     parser.add_argument(
+        "--targets-only",
+        action="store_true",
+        help="deploy nothing, only keep --targets-file up to date (for an application "
+        "deployed with `serve deploy`)",
+    )
+    parser.add_argument(
         "--num-cpus", type=int, default=None, help="CPUs of a local cluster (default: all)"
     )
     for name, field in ScaleOptions.model_fields.items():
@@ -76,6 +82,8 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, ScaleOptions]:
             "--" + name.replace("_", "-"), type=kind, default=None, help=field.description
         )
     args = parser.parse_args(argv)
+    if args.targets_only and not args.address:
+        parser.error("--targets-only needs --address (the cluster the application runs on)")
     chosen = {
         name: getattr(args, name)
         for name in ScaleOptions.model_fields
@@ -123,16 +131,24 @@ def main(argv: list[str] | None = None) -> None:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    if args.targets_only:
+        try:
+            while not stop.wait(2.0):
+                targets.write_sd_file(args.targets_file)
+        finally:
+            ray.shutdown()
+        return
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(build_app(options), name=args.app_name, route_prefix="/", blocking=False)
         groups = targets.write_sd_file(args.targets_file)
         log.info(
-            "ready: http://%s:%d with %d replica(s); metrics targets in %s",
+            "ready: http://%s:%d with %d replica(s); metrics targets in %s; Ray at %s",
             args.host,
             args.port,
             len(groups),
             args.targets_file,
+            ray.get_runtime_context().gcs_address,
         )
         while not stop.wait(2.0):
             targets.write_sd_file(args.targets_file)
