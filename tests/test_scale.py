@@ -22,6 +22,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -34,8 +35,6 @@ import ray
 from ray import serve
 
 from tests.api.test_stream import RATE, pcm16, spoken, stream_audio
-
-pytestmark = pytest.mark.slow
 
 APP = "speech-serve"
 REPO = Path(__file__).resolve().parents[1]
@@ -258,6 +257,7 @@ def stt_requests(address: str, status: str = "200") -> float:
     return sum(float(m) for m in re.findall(pattern, text, flags=re.M))
 
 
+@pytest.mark.slow
 def test_load_step_scales_out_spreads_traffic_and_scales_back(
     cluster: Cluster, prometheus: str
 ) -> None:
@@ -292,6 +292,7 @@ def test_load_step_scales_out_spreads_traffic_and_scales_back(
     print(f"scaled 1 -> 2 in {scaled_out_s:.1f} s under 8 clients; answers by replica {served}")
 
 
+@pytest.mark.slow
 def test_replica_killed_under_load_answers_or_503_and_is_replaced(cluster: Cluster) -> None:
     async def scenario() -> tuple[Load, str]:
         load = Load(cluster.url, clients=8)
@@ -346,6 +347,7 @@ def test_replica_killed_under_load_answers_or_503_and_is_replaced(cluster: Clust
     print(f"scaled 2 -> 1 in {time.monotonic() - started:.1f} s after the load stopped")
 
 
+@pytest.mark.slow
 def test_websocket_session_through_the_proxy(cluster: Cluster) -> None:
     speech = spoken(("turn on the lights", "three four five"))
     url = cluster.url.replace("http://", "ws://") + f"/v1/audio/stream?sample_rate={RATE}"
@@ -354,6 +356,7 @@ def test_websocket_session_through_the_proxy(cluster: Cluster) -> None:
     assert finals == ["turn on the lights", "three four five"]
 
 
+@pytest.mark.slow
 def test_uploads_sse_and_errors_keep_their_shape_through_the_proxy(cluster: Cluster) -> None:
     audio = SAMPLE.read_bytes()
     with httpx.Client(base_url=cluster.url, timeout=60) as client:
@@ -381,6 +384,7 @@ def test_uploads_sse_and_errors_keep_their_shape_through_the_proxy(cluster: Clus
         assert "".join(e["delta"] for e in events[:-1]) == SAMPLE_TEXT
 
 
+@pytest.mark.slow
 def test_full_proxy_queue_refuses_with_429_and_retry_after(cluster: Cluster) -> None:
     """More uploads at once than every replica's slots plus the proxy's queue: the rest are
     refused at once in the error shape, never queued without bound."""
@@ -409,3 +413,75 @@ def test_full_proxy_queue_refuses_with_429_and_retry_after(cluster: Cluster) -> 
         else:
             assert r.json()["text"] == SAMPLE_TEXT
     print(f"burst of {burst}: {dict(statuses)}")
+
+
+# Without a cluster: the config file and the proxy middleware.
+
+
+def test_the_serve_config_is_valid_and_builds_the_app() -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    from service.scale.deployment import ScaleOptions, build_app
+
+    config = yaml.safe_load((REPO / "service/deploy/ray/serve.yaml").read_text())
+    ServeDeploySchema.model_validate(config)
+    (application,) = config["applications"]
+    assert application["import_path"] == "service.scale.deployment:build_app"
+    options = ScaleOptions(**application["args"])
+    chosen = options.deployment_options()
+    settings = options.settings()
+    assert settings.cpu_workers == 1
+    assert settings.cpu_threads == 2
+    assert chosen["max_ongoing_requests"] == 2 * 16 + 32  # two batches + the streams
+    assert chosen["autoscaling_config"].target_ongoing_requests == 16
+    assert chosen["max_queued_requests"] == 2 * 16 * 4
+    assert chosen["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 0}
+    build_app(application["args"])  # the builder Serve calls takes these args
+
+
+async def _through_proxy_errors(inner: Callable[..., Any]) -> tuple[int, dict[str, str], Any]:
+    from service.scale.proxy import ProxyErrors
+
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/", "headers": []}
+    await ProxyErrors(inner)(scope, receive, send)
+    start, *bodies = sent
+    headers = {k.decode(): v.decode() for k, v in start["headers"]}
+    body = b"".join(m.get("body", b"") for m in bodies)
+    parsed = json.loads(body) if headers.get("content-type") == "application/json" else body
+    return start["status"], headers, parsed
+
+
+def test_proxy_errors_rewrite_only_what_ray_answers_itself() -> None:
+    async def replica_died(scope: Any, receive: Any, send: Any) -> None:
+        return None  # what Ray's proxy does when the replica dies: sends nothing
+
+    async def back_pressure(scope: Any, receive: Any, send: Any) -> None:
+        headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"retry-after", b"2")]
+        await send({"type": "http.response.start", "status": 429, "headers": headers})
+        await send({"type": "http.response.body", "body": b"Request dropped due to backpressure"})
+
+    async def app_error(scope: Any, receive: Any, send: Any) -> None:
+        body = json.dumps({"error": {"code": "queue_full"}}).encode()
+        headers = [(b"content-type", b"application/json"), (b"retry-after", b"7")]
+        await send({"type": "http.response.start", "status": 429, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    status, headers, body = asyncio.run(_through_proxy_errors(replica_died))
+    assert status == 503
+    assert body["error"]["code"] == "unavailable"
+    assert int(headers["retry-after"]) >= 1
+    status, headers, body = asyncio.run(_through_proxy_errors(back_pressure))
+    assert status == 429
+    assert body["error"]["code"] == "queue_full"
+    assert body["error"]["type"] == "rate_limit_error"
+    assert headers["retry-after"] == "2"  # Ray's own value is kept
+    status, headers, body = asyncio.run(_through_proxy_errors(app_error))
+    assert (status, headers["retry-after"], body) == (429, "7", {"error": {"code": "queue_full"}})
