@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 import yaml
 
@@ -354,6 +355,39 @@ def test_websocket_session_through_the_proxy(cluster: Cluster) -> None:
     events, _ = asyncio.run(stream_audio(url, pcm16(speech.audio), frame_bytes=2 * RATE // 50))
     finals = [e["text"] for _, e in events if e["type"] == "transcript.final"]
     assert finals == ["turn on the lights", "three four five"]
+
+
+@pytest.mark.slow
+def test_realtime_session_through_the_proxy_with_the_official_client(cluster: Cluster) -> None:
+    """OpenAI Realtime transcription (the `openai` SDK's `realtime.connect`) via Ray's proxy."""
+    from tests.api.test_realtime import (
+        COMPLETED,
+        client_for,
+        count,
+        events_until,
+        pcm24,
+        send_audio,
+    )
+    from tests.conftest import speak
+
+    quiet = np.zeros(int(0.4 * 22_050), np.float32)  # the bundled model wants quiet around speech
+    phrases = ("turn on the lights", "three four five")
+
+    async def scenario() -> list[dict[str, Any]]:
+        async with client_for(cluster).realtime.connect(  # type: ignore[arg-type]
+            model="", extra_query={"intent": "transcription"}
+        ) as conn:
+            await conn.session.update(
+                session={"type": "transcription", "audio": {"input": {"turn_detection": None}}}
+            )
+            for text in phrases:
+                await send_audio(conn, pcm24(np.concatenate([quiet, speak(text), quiet])), False)
+                await conn.input_audio_buffer.commit()
+            return await events_until(conn, lambda ev: count(COMPLETED)(ev) == 2)
+
+    events = asyncio.run(scenario())
+    assert [e["type"] for e in events][:2] == ["session.created", "session.updated"]
+    assert [e["transcript"] for e in events if e["type"] == COMPLETED] == list(phrases)
 
 
 @pytest.mark.slow
