@@ -83,7 +83,7 @@ class ProxyErrors:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = False
+        started = answered = False
         held: Message | None = None  # a start message that may be Ray's own refusal
         text = bytearray()
 
@@ -103,6 +103,8 @@ class ProxyErrors:
             await send(message)
 
         async def answer(start: Message) -> None:
+            nonlocal answered
+            answered = True
             retry = _header(start, b"retry-after")
             request_id = _header(start, b"x-request-id") or uuid.uuid4().hex
             await _send(
@@ -110,6 +112,8 @@ class ProxyErrors:
             )
 
         await self.app(scope, receive, guarded)
+        if held is not None and not answered:  # a refusal whose body never ended
+            await answer(held)
         if not started:  # the replica died before answering: Ray sent nothing
             await _send(send, _refusal(500, ""), _request_id(scope), None)
 
