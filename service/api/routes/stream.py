@@ -228,7 +228,7 @@ async def _serve(
                 raise _Close(TOO_BIG, f"message over the {settings.max_frame_bytes}-byte limit")
             try:
                 event = json.loads(text)
-            except ValueError:
+            except (ValueError, RecursionError):  # deep nesting ("[" * 100_000) recurses
                 event = None
             if not isinstance(event, dict):
                 await connection.send(_error("invalid_json", "messages must be JSON objects"))

@@ -35,6 +35,12 @@ from service.streaming.detok import IncrementalDetokenizer
 
 router = APIRouter(tags=["audio"], responses=ERROR_RESPONSES)
 
+# Below this a sampling temperature or a repetition penalty divides the logits into infinities
+# (1e-45 is 0 in float32, 1e-9 turns a logit of 40 into 4e10 and the softmax into NaN); vLLM
+# draws its line for temperature at the same 0.01. Refused with a 400, never sent to the model.
+MIN_TEMPERATURE = 0.01
+MIN_REPETITION_PENALTY = 0.01
+
 _RESPONSES: dict[int | str, dict[str, object]] = {
     200: {
         "description": "The transcript in the requested `response_format`",
@@ -58,13 +64,15 @@ ModelField = Annotated[str | None, Form(description="Model name (GET /v1/models)
 LanguageField = Annotated[str | None, Form(max_length=32, description="Language (ISO 639-1)")]
 PromptField = Annotated[str | None, Form(description="Context for models that take a prompt")]
 FormatField = Annotated[render.ResponseFormat, Form()]
-TemperatureField = Annotated[float, Form(ge=0, le=2, description="0: greedy; > 0: sampling")]
+TemperatureField = Annotated[
+    float, Form(ge=0, le=2, description="0: greedy; 0.01-2: sampling at that temperature")
+]
 BeamsField = Annotated[int, Form(ge=1, description="Beam width (capped by settings)")]
 SampleField = Annotated[bool, Form(description="Multinomial sampling")]
 TopKField = Annotated[int | None, Form(ge=0, description="Sampling: keep the k best tokens")]
 TopPField = Annotated[float | None, Form(gt=0, le=1, description="Sampling: nucleus mass")]
 MaxTokensField = Annotated[int | None, Form(ge=1, description="Tokens to generate at most")]
-PenaltyField = Annotated[float, Form(gt=0, le=10, description="Repetition penalty")]
+PenaltyField = Annotated[float, Form(gt=0, le=10, description="Repetition penalty (0.01-10)")]
 SeedField = Annotated[int | None, Form(ge=0, le=2**32 - 1, description="Sampling seed")]
 TimeoutField = Annotated[float | None, Form(gt=0, description="Deadline in seconds (capped)")]
 StreamField = Annotated[
@@ -95,6 +103,16 @@ def _params(
         raise InvalidRequest(
             f"max_new_tokens is {max_new_tokens}; the limit is {settings.max_new_tokens}",
             param="max_new_tokens",
+        )
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise InvalidRequest(
+            f"temperature is {temperature:g}: use 0 (greedy) or {MIN_TEMPERATURE} to 2",
+            param="temperature",
+        )
+    if repetition_penalty < MIN_REPETITION_PENALTY:
+        raise InvalidRequest(
+            f"repetition_penalty is {repetition_penalty:g}; the least is {MIN_REPETITION_PENALTY}",
+            param="repetition_penalty",
         )
     if prompt is not None and len(prompt) > settings.max_prompt_chars:
         raise InvalidRequest(
