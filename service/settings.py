@@ -82,8 +82,20 @@ class Settings(BaseSettings):
     max_streams: int = Field(
         32, ge=1, le=10_000, description="Concurrent websocket sessions (more: close 1013)."
     )
+    max_streams_per_client: int = Field(
+        8,
+        ge=1,
+        le=10_000,
+        description="Concurrent sessions per client (its API key, else its address; more: 1013).",
+    )
+    stream_config_timeout_s: float = Field(
+        10.0, gt=0, le=600, description="Close a session not configured within this time."
+    )
     stream_idle_timeout_s: float = Field(
-        30.0, gt=0, le=3600, description="Close a session that sends nothing for this long."
+        30.0,
+        gt=0,
+        le=3600,
+        description="Close a session that sends no audio for this long (bad messages: no audio).",
     )
     max_stream_seconds: float = Field(
         3600.0, gt=0, le=86_400, description="Longest a session may last (wall clock)."
