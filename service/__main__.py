@@ -12,20 +12,22 @@ import uvicorn
 
 from service import logs
 from service.api.app import create_app
+from service.api.transport import uvicorn_options
 from service.settings import Settings
 
 
 def main() -> None:
     settings = Settings()
     logs.configure(settings)
+    app = create_app(settings)
     uvicorn.run(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         log_config=None,  # keep `logs.configure`'s handler (text or JSON)
         access_log=False,  # the service logs each request itself, with its id and timings
-        ws_max_size=settings.max_frame_bytes + 64 * 1024,  # the route answers oversize frames
+        **uvicorn_options(settings, app.state.metrics),  # head limits, read timeouts
         timeout_graceful_shutdown=int(settings.drain_timeout_s) + 5,
     )
 

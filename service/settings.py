@@ -78,6 +78,21 @@ class Settings(BaseSettings):
     max_num_beams: int = Field(8, ge=1, le=64, description="Cap on beam width.")
     max_prompt_chars: int = Field(2000, ge=0, description="Cap on the `prompt` field.")
 
+    # --- transport (HTTP/1.1, service/api/transport.py) ---
+    max_header_bytes: int = Field(
+        32 * 1024,
+        ge=4096,
+        le=1024 * 1024,
+        description="Request line plus headers, in bytes (431 beyond; a target over 8000: 414).",
+    )
+    max_headers: int = Field(100, ge=16, le=10_000, description="Request headers (431 beyond).")
+    header_timeout_s: float = Field(
+        10.0, gt=0, le=600, description="A request's headers must arrive within this (408)."
+    )
+    body_read_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="Longest pause inside a request body (408)."
+    )
+
     # --- streaming (websocket sessions) ---
     max_streams: int = Field(
         32, ge=1, le=10_000, description="Concurrent websocket sessions (more: close 1013)."

@@ -7,11 +7,13 @@ which property the smaller attack still proves.
 import asyncio
 import contextlib
 import json
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import soxr
@@ -37,6 +39,9 @@ def voice() -> np.ndarray:
     """'three four five' at 16 kHz with half a second of quiet after it (ends an utterance)."""
     spoken = soxr.resample(speak("three four five"), 22_050, RATE).astype(np.float32)
     return np.concatenate([spoken, np.zeros(RATE // 2, np.float32)])
+
+
+TRANSCRIBE_PATH = "/v1/audio/transcriptions"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,3 +240,158 @@ def test_one_client_cannot_take_every_stream_slot(
             await expect(again, "session.created")
 
     asyncio.run(run())
+
+
+# ---------------------------------------------------------------------------------------------
+# item 6: transport limits (raw sockets: the attacks are malformed or stalled HTTP)
+#
+# Scale-down: the read timeouts are 1 s here (30 s / 10 s by default); the oversized headers are
+# the attack's 1 MB and 10,000, and 8 connections with 4 MB headers stand for 20 MB ones (each
+# is refused at the 32 KB head limit either way).
+
+
+@pytest.fixture(scope="module")
+def transport_server(checkpoints: dict[str, Path]) -> Iterator[LiveServer]:
+    settings = settings_for(
+        checkpoints["wav2vec2-bert"], header_timeout_s=1.0, body_read_timeout_s=1.0
+    )
+    with LiveServer(create_app(settings)) as server:
+        yield server
+
+
+def address(server: LiveServer) -> tuple[str, int]:
+    host, port = server.url.removeprefix("http://").split(":")
+    return host, int(port)
+
+
+def exchange(server: LiveServer, head: bytes, body: bytes = b"", wait: float = 10) -> bytes:
+    """Send raw bytes (sending stops where the server closes); everything it answers."""
+    with socket.create_connection(address(server), timeout=wait) as sock:
+        with contextlib.suppress(OSError):  # the server may close while we still send
+            sock.sendall(head + body)
+        answer = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                answer += chunk
+    return answer
+
+
+def parse(answer: bytes) -> tuple[int, dict[str, str], dict[str, Any]]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    return status, headers, json.loads(body)
+
+
+def assert_transport_error(answer: bytes, status: int, code: str) -> None:
+    got, headers, body = parse(answer)
+    assert got == status, answer[:300]
+    assert headers["content-type"] == "application/json", headers
+    assert body["error"]["code"] == code, body
+    assert body["error"]["type"] == "invalid_request_error", body
+    assert body["error"]["message"], body
+
+
+GET_READY = b"GET /ready HTTP/1.1\r\nHost: t\r\n"
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        GET_READY + b"X-Big: " + b"a" * 1024 * 1024 + b"\r\n\r\n",
+        GET_READY + b"".join(b"X-%d: v\r\n" % i for i in range(10_000)) + b"\r\n",
+    ],
+    ids=["1MB-header", "10k-headers"],
+)
+def test_oversized_request_head_is_431(transport_server: LiveServer, head: bytes) -> None:
+    assert_transport_error(exchange(transport_server, head), 431, "header_too_large")
+    assert httpx.get(transport_server.url + "/ready", timeout=10).status_code == 200
+
+
+def test_many_connections_with_huge_headers_are_refused_early(
+    transport_server: LiveServer,
+) -> None:
+    head = GET_READY + b"X-Big: " + b"a" * 4 * 1024 * 1024 + b"\r\n\r\n"
+
+    async def one() -> bytes:
+        return await asyncio.to_thread(exchange, transport_server, head)
+
+    async def run() -> list[bytes]:
+        return await asyncio.gather(*(one() for _ in range(8)))
+
+    for answer in asyncio.run(run()):
+        assert_transport_error(answer, 431, "header_too_large")
+
+
+def test_request_head_that_never_ends_is_408(transport_server: LiveServer) -> None:
+    started = time.monotonic()
+    answer = exchange(transport_server, b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: t\r\n")
+    assert_transport_error(answer, 408, "request_timeout")
+    assert time.monotonic() - started < 5
+
+
+def test_connection_that_sends_nothing_is_closed(transport_server: LiveServer) -> None:
+    started = time.monotonic()
+    answer = exchange(transport_server, b"")
+    assert_transport_error(answer, 408, "request_timeout")
+    assert time.monotonic() - started < 5
+
+
+def test_declared_body_never_sent_is_408(transport_server: LiveServer) -> None:
+    """The attack: a 25 MB body declared and never sent was held indefinitely."""
+    started = time.monotonic()
+    head = (
+        b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: t\r\n"
+        b"Content-Type: multipart/form-data; boundary=xyz\r\n"
+        b"Content-Length: 26000000\r\n\r\n"
+    )
+    answer = exchange(transport_server, head, b"--xyz\r\n")
+    assert_transport_error(answer, 408, "request_timeout")
+    assert time.monotonic() - started < 6
+    assert httpx.get(transport_server.url + "/ready", timeout=10).status_code == 200
+
+
+def test_body_that_keeps_arriving_is_not_cut_off(
+    transport_server: LiveServer, speech_wav: bytes
+) -> None:
+    """The body timeout is a pause limit: an upload sent slowly, in pieces 0.4 s apart (over
+    2 s in all, twice the 1 s timeout), is transcribed."""
+    files = {"file": ("a.wav", speech_wav)}
+    request = httpx.Request("POST", transport_server.url + TRANSCRIBE_PATH, files=files)
+    body = request.read()
+    head = (
+        f"POST {TRANSCRIBE_PATH} HTTP/1.1\r\nHost: t\r\n"
+        f"Content-Type: {request.headers['content-type']}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    with socket.create_connection(address(transport_server), timeout=30) as sock:
+        sock.sendall(head)
+        pieces = [body[i : i + len(body) // 6 + 1] for i in range(0, len(body), len(body) // 6 + 1)]
+        for piece in pieces:
+            time.sleep(0.4)
+            sock.sendall(piece)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    status, _, payload = parse(answer)
+    assert status == 200, answer[:300]
+    assert payload["text"]
+
+
+def test_unparseable_request_is_400_in_the_error_shape(transport_server: LiveServer) -> None:
+    assert_transport_error(exchange(transport_server, b"GARBAGE\x00\r\n\r\n"), 400, "invalid_http")
+
+
+def test_websocket_handshake_with_a_huge_request_line_is_answered(
+    transport_server: LiveServer,
+) -> None:
+    for target in (b"/v1/audio/stream?pad=" + b"a" * 8200, b"/v1/audio/stream?pad=" + b"a" * 7990):
+        head = (
+            b"GET " + target + b" HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n"
+        )
+        status, _, body = parse(exchange(transport_server, head))
+        assert status in (414, 431), (status, body)
+        assert body["error"]["code"] in ("uri_too_long", "header_too_large"), body
