@@ -54,6 +54,14 @@ class Settings(BaseSettings):
         3600.0, gt=0, description="Most audio seconds waiting in the queue."
     )
 
+    max_inflight_audio_seconds: float = Field(
+        7200.0,
+        gt=0,
+        le=1_000_000,
+        description="Decoded seconds of upload audio held by accepted requests at once (429 "
+        "beyond; one upload is admitted alone whatever its length). 64 KB a second at 16 kHz.",
+    )
+
     # --- request limits ---
     request_timeout_s: float = Field(60.0, gt=0, le=3600, description="Default deadline.")
     max_request_timeout_s: float = Field(

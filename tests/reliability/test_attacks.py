@@ -6,16 +6,20 @@ which property the smaller attack still proves.
 
 import asyncio
 import contextlib
+import functools
+import io
+import itertools
 import json
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
+import soundfile as sf
 import soxr
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
@@ -395,3 +399,271 @@ def test_websocket_handshake_with_a_huge_request_line_is_answered(
         status, _, body = parse(exchange(transport_server, head))
         assert status in (414, 431), (status, body)
         assert body["error"]["code"] in ("uri_too_long", "header_too_large"), body
+
+
+# ---------------------------------------------------------------------------------------------
+# items 1 and 2: uploads that are cheap to send and dear to decode and hold
+#
+# The attack files were 59-minute FLACs of silence (2.4 MB) at 192 kHz: 13 s of decoding each,
+# 230 MB once decoded. Here: 5 minutes at 192 kHz (about 1.4 s of decoding on the CI machine,
+# the same header-declared cost class: large lane) and 10 minutes at 16 kHz (38 MB decoded);
+# the in-flight budget is scaled to 20 minutes so that two of them fill it.
+
+
+@functools.cache
+def silence_flac(seconds: int, rate: int, hide_length: bool = False) -> bytes:
+    """`seconds` of 16-bit silence as FLAC; `hide_length` zeroes the header's sample count (as a
+    FLAC written to a pipe has it), so nothing but decoding tells how long it is."""
+    buf = io.BytesIO()
+    with sf.SoundFile(buf, "w", rate, 1, format="FLAC", subtype="PCM_16") as f:
+        block = np.zeros(rate * 10, np.int16)
+        for _ in range(seconds // 10):
+            f.write(block)
+    data = bytearray(buf.getvalue())
+    if hide_length:  # STREAMINFO follows "fLaC" and its 4-byte block header
+        data[8 + 13] &= 0xF0
+        data[8 + 14 : 8 + 18] = bytes(4)
+    return bytes(data)
+
+
+@pytest.fixture(scope="module")
+def upload_server(checkpoints: dict[str, Path]) -> Iterator[LiveServer]:
+    settings = settings_for(
+        checkpoints["wav2vec2-bert"], max_audio_seconds=3600, max_inflight_audio_seconds=1200
+    )
+    with LiveServer(create_app(settings)) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def decode_server(checkpoints: dict[str, Path]) -> Iterator[LiveServer]:
+    """Default admission settings (the budget fits every upload of these tests)."""
+    settings = settings_for(checkpoints["wav2vec2-bert"], max_audio_seconds=3600)
+    with LiveServer(create_app(settings)) as server:
+        yield server
+
+
+async def post_async(
+    client: httpx.AsyncClient, url: str, body: bytes, **fields: object
+) -> tuple[httpx.Response, float]:
+    """Upload `body` to `url`; the response and when it came (monotonic)."""
+    data = {k: str(v) for k, v in fields.items()}
+    response = await client.post(
+        url + TRANSCRIBE_PATH, files={"file": ("a.flac", body)}, data=data, timeout=120
+    )
+    return response, time.monotonic()
+
+
+def gauge(server: LiveServer, name: str, **labels: str) -> float:
+    wanted = name + (
+        "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else ""
+    )
+    for line in httpx.get(server.url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith(wanted + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{wanted} not exported")
+
+
+def test_uploads_are_admitted_by_the_decoded_audio_they_hold(
+    upload_server: LiveServer, speech_wav: bytes
+) -> None:
+    """Ten concurrent 10-minute uploads against a 20-minute budget: two are admitted, the
+    others get 429 `audio_in_flight` with Retry-After at once; the budget is free after."""
+    body = silence_flac(600, 16_000)
+
+    async def run() -> list[tuple[httpx.Response, float]]:
+        async with httpx.AsyncClient() as client:
+            return await asyncio.gather(
+                *(post_async(client, upload_server.url, body) for _ in range(10))
+            )
+
+    results = asyncio.run(run())
+    statuses = sorted(r.status_code for r, _ in results)
+    assert statuses.count(200) >= 2, statuses
+    refused = [r for r, _ in results if r.status_code == 429]
+    assert len(refused) >= 5, statuses  # without the budget all ten are held at once
+    assert set(statuses) <= {200, 429}, statuses
+    for response in refused:
+        assert response.json()["error"]["code"] == "audio_in_flight", response.text
+        assert int(response.headers["retry-after"]) >= 1
+    wait_until(lambda: gauge(upload_server, "stt_inflight_audio_seconds") == 0, "budget freed")
+    assert_still_serving(upload_server, speech_wav)
+
+
+def test_slow_decodes_do_not_starve_short_uploads(
+    decode_server: LiveServer, speech_wav: bytes
+) -> None:
+    """Four slow files (large lane, one slot) then one short upload: the short one is answered
+    while most slow ones still wait (before: it queued behind them for both decode slots)."""
+    slow = silence_flac(300, 192_000)
+
+    async def run() -> tuple[list[float], float, float]:
+        async with httpx.AsyncClient() as client:
+            slow_tasks = [
+                asyncio.create_task(post_async(client, decode_server.url, slow, timeout=60))
+                for _ in range(4)
+            ]
+            await asyncio.sleep(0.3)  # they are in (the bodies are small)
+            sent = time.monotonic()
+            response, done = await post_async(client, decode_server.url, speech_wav, timeout=5)
+            assert response.status_code == 200, response.text
+            slow_done = []
+            for task in slow_tasks:
+                answer, at = await task
+                assert answer.status_code in (200, 429), answer.text
+                slow_done.append(at)
+            return slow_done, sent, done
+
+    slow_done, sent, done = asyncio.run(run())
+    assert sum(at > done for at in slow_done) >= 2, (slow_done, done)
+    assert done - sent < 2.0, done - sent
+
+
+def test_slow_file_past_its_deadline_is_refused_or_504_at_the_deadline(
+    decode_server: LiveServer,
+) -> None:
+    """A file whose header shows slow decoding, with `timeout=1`: refused at once (429
+    `deadline`), never a 200 after the whole decode (the attack: 200 after 13.5 s)."""
+    started = time.monotonic()
+    response = upload(decode_server, silence_flac(300, 192_000), "a.flac", timeout=1)
+    elapsed = time.monotonic() - started
+    assert response.status_code in (429, 504), response.text
+    assert elapsed < 2.0, elapsed
+    if response.status_code == 429:
+        assert response.json()["error"]["code"] == "deadline"
+        assert "retry-after" in response.headers
+
+
+def test_decoding_that_outlasts_the_deadline_is_stopped_with_504(
+    decode_server: LiveServer, speech_wav: bytes
+) -> None:
+    """A FLAC that hides its length (10 minutes at 192 kHz, about 3 s to decode) with
+    `timeout=0.8`: 504 at the deadline, and its decoding stops (the lane is empty again long
+    before the decode would have finished)."""
+    body = silence_flac(600, 192_000, hide_length=True)
+    started = time.monotonic()
+    response = upload(decode_server, body, "a.flac", timeout=0.8)
+    elapsed = time.monotonic() - started
+    assert response.status_code == 504, response.text
+    assert response.json()["error"]["code"] == "deadline_exceeded"
+    assert elapsed < 2.0, elapsed
+    wait_until(
+        lambda: gauge(decode_server, "stt_decodes_pending", lane="small") == 0,
+        "decoding stopped",
+        timeout=1.0,
+    )
+    assert_still_serving(decode_server, speech_wav)
+
+
+def test_decode_queue_wait_counts_in_the_early_refusal(decode_server: LiveServer) -> None:
+    """Four slow files queued in the large lane (one slot, about 1.4 s each): a fifth with
+    `timeout=2` is refused at once with 429 and Retry-After, not decoded late."""
+    slow = silence_flac(300, 192_000)
+
+    async def run() -> tuple[httpx.Response, float]:
+        async with httpx.AsyncClient() as client:
+            queued = [
+                asyncio.create_task(post_async(client, decode_server.url, slow, timeout=60))
+                for _ in range(4)
+            ]
+            await asyncio.sleep(0.3)
+            sent = time.monotonic()
+            response, at = await post_async(client, decode_server.url, slow, timeout=2)
+            await asyncio.gather(*queued)
+            return response, at - sent
+
+    response, elapsed = asyncio.run(run())
+    assert response.status_code == 429, response.text
+    assert response.json()["error"]["code"] == "deadline"
+    assert int(response.headers["retry-after"]) >= 1
+    assert elapsed < 1.0, elapsed
+
+
+def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+# ---------------------------------------------------------------------------------------------
+# item 3: streaming sessions cannot starve uploads
+#
+# The attack: eight sessions at 4x real time, num_beams=8, max_utterance_seconds=120,
+# partial_interval_ms=100 pushed an upload to its 60 s deadline. Here: eight such sessions on
+# the tiny model served by one worker, streaming speech with no pause long enough to end the
+# utterance, and five uploads with a 4 s deadline sent one after another while they stream.
+
+
+SESSIONS = 8
+UPLOADS = 5
+
+
+async def greedy_session(url: str, speech: np.ndarray, stop: asyncio.Event) -> int:
+    """One attacking session; how many partials it got."""
+    config = {
+        "type": "config",
+        "sample_rate": RATE,
+        "num_beams": 8,
+        "max_utterance_seconds": 120,
+        "partial_interval_ms": 100,
+        "silence_duration_ms": 10_000,  # one utterance that never ends
+    }
+    frames = [pcm16(speech[i : i + RATE // 10]) for i in range(0, len(speech), RATE // 10)]
+    partials = 0
+    async with connect(url) as ws:
+        await ws.send(json.dumps(config))
+        await expect(ws, "session.created")
+
+        async def read() -> None:
+            nonlocal partials
+            with contextlib.suppress(ConnectionClosed):
+                async for raw in ws:
+                    partials += json.loads(raw)["type"] == "transcript.partial"
+
+        reader = asyncio.create_task(read())
+        for frame in itertools.cycle(frames):
+            if stop.is_set():
+                break
+            await ws.send(frame)  # 100 ms of audio every 25 ms: 4x real time
+            await asyncio.sleep(0.025)
+        reader.cancel()
+    return partials
+
+
+@pytest.fixture(scope="module")
+def one_worker_server(checkpoints: dict[str, Path]) -> Iterator[LiveServer]:
+    """One CPU worker: the tiny model is fast, and one worker is what a loaded machine has."""
+    settings = settings_for(checkpoints["wav2vec2-bert"], cpu_workers=1)
+    with LiveServer(create_app(settings)) as server:
+        yield server
+
+
+def test_streaming_sessions_cannot_starve_uploads(
+    one_worker_server: LiveServer, speech_wav: bytes, voice: np.ndarray
+) -> None:
+    speech = voice[: -RATE // 2]  # without its trailing quiet
+
+    async def run() -> tuple[list[tuple[int, float]], list[int]]:
+        stop = asyncio.Event()
+        sessions = [
+            asyncio.create_task(greedy_session(ws_url(one_worker_server), speech, stop))
+            for _ in range(SESSIONS)
+        ]
+        await asyncio.sleep(3.0)  # the sessions' utterances are long and their partials queued
+        answers = []
+        async with httpx.AsyncClient() as client:
+            for _ in range(UPLOADS):
+                sent = time.monotonic()
+                response, done = await post_async(
+                    client, one_worker_server.url, speech_wav, timeout=4
+                )
+                answers.append((response.status_code, done - sent))
+        stop.set()
+        return answers, await asyncio.gather(*sessions)
+
+    answers, partials = asyncio.run(run())
+    # before: 200 after 0.5-4 s, and 504 at the 4 s deadline; after: 0.03-0.4 s
+    assert [status for status, _ in answers] == [200] * UPLOADS, answers
+    assert max(latency for _, latency in answers) < 1.5, answers
+    assert all(p > 0 for p in partials), partials  # the sessions were served too
