@@ -181,7 +181,7 @@ async def _handle(
         estimate = estimate_decode(file.file, settings.max_audio_seconds)
     else:
         estimate = await asyncio.to_thread(estimate_decode, file.file, settings.max_audio_seconds)
-    reservation = engine.audio_budget.reserve(estimate.seconds)
+    reservation = engine.audio_budget.reserve(estimate.seconds, deadline)
     try:
         response = await _decode_and_transcribe(
             request,
