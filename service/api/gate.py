@@ -69,6 +69,9 @@ class DecodeGate:
         self.large = DecodeLane("large", large_slots, max(2, waiting // 8))
         self.correction = 1.0
         self.metrics = metrics
+        # Seconds from an upload's arrival to its submission to the engine (body, decoding):
+        # a moving average that grows when the event loop and the decoders are congested.
+        self.pre_queue_seconds = 0.0
 
     def lane_for(self, estimate: DecodeEstimate | None) -> DecodeLane:
         if estimate is None or self.work(estimate) <= LARGE_DECODE_SECONDS:
@@ -137,6 +140,10 @@ class DecodeGate:
             lane.pending -= 1
             self._observe(lane)
 
+    def record_pre_queue(self, seconds: float) -> None:
+        """An upload reached the engine `seconds` after it arrived (moving average)."""
+        self.pre_queue_seconds = 0.9 * self.pre_queue_seconds + 0.1 * max(0.0, seconds)
+
     def record(self, estimate: DecodeEstimate, seconds: float) -> None:
         """A decode took `seconds`: correct later estimates (bounded, moving average)."""
         if estimate.work_seconds <= 0.01:  # too short to say anything
@@ -152,8 +159,9 @@ class DecodeGate:
 class EarlyAdmission:
     """ASGI middleware: refuse an upload with 429/503 before its body is parsed or decoded when
     the queue would refuse it anyway (judged against the default deadline, since the request's
-    own `timeout` field is inside the body). Under overload a refusal then costs almost nothing
-    but reading the bytes."""
+    own `timeout` field is inside the body, less the time uploads lately took to get from here
+    to the engine: parsing and decoding count against the deadline). Under overload a refusal
+    then costs almost nothing but reading the bytes."""
 
     PATHS = frozenset({"/v1/audio/transcriptions", "/v1/audio/translations"})
 
@@ -164,10 +172,12 @@ class EarlyAdmission:
         if scope["type"] == "http" and scope.get("path") in self.PATHS:
             engine = scope["app"].state.engine
             if engine is not None and engine.ready:
+                gate: DecodeGate = scope["app"].state.decode_gate
+                scope.setdefault("state", {})["arrived_at"] = time.monotonic()
                 try:
                     deadline = engine.deadline(None)
-                    engine.scheduler.admit(deadline)
-                    scope["app"].state.decode_gate.admit(deadline)  # the short-upload lane
+                    engine.scheduler.admit(deadline - gate.pre_queue_seconds)
+                    gate.admit(deadline)  # the short-upload lane
                 except ServiceError as exc:
                     await _refuse(scope, receive, send, exc)
                     return

@@ -271,6 +271,9 @@ async def _decode_and_transcribe(
         engine.metrics.cancellations.labels(reason="deadline").inc()
         raise
     engine.metrics.observe_stage("decode", time.perf_counter() - started)
+    arrived_at = request.scope.get("state", {}).get("arrived_at")
+    if isinstance(arrived_at, float):
+        gate.record_pre_queue(time.monotonic() - arrived_at)
     duration = len(audio) / engine.info.sampling_rate
     reservation.resize(duration)
     record.audio_seconds = duration
