@@ -15,14 +15,12 @@ one whose deadline passes while it waits gets 504.
 
 import asyncio
 import contextlib
-import json
 import time
 from collections.abc import AsyncIterator
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.api.errors import error_body
-from service.api.observe import facts
+from service.api.errors import send_error
 from service.audio.cost import DecodeEstimate
 from service.errors import DeadlineExceeded, Overloaded, ServiceError
 from service.metrics import Metrics
@@ -194,15 +192,4 @@ async def _refuse(scope: Scope, receive: Receive, send: Send, exc: ServiceError)
         seen += len(message.get("body", b""))
         if message["type"] != "http.request" or not message.get("more_body") or seen > limit:
             break
-    record = facts(scope)
-    record.error_code = exc.code
-    body = json.dumps(
-        error_body(exc.message, exc.type, exc.code, exc.param, record.request_id)
-    ).encode()
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        *((k.lower().encode(), v.encode()) for k, v in exc.headers().items()),
-    ]
-    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    await send_error(scope, send, exc)

@@ -25,7 +25,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from service.api.errors import error_body
+from service.errors import InvalidRequest, error_object
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -225,9 +225,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         if self.cycle is None or not self.cycle.response_started:
             if self.cycle is not None:
                 self.cycle.response_started = True  # the app's own answer is dropped
-            body = json.dumps(
-                error_body(refusal.message, "invalid_request_error", refusal.code, None, None)
-            ).encode()
+            error = InvalidRequest(refusal.message, code=refusal.code)
+            body = json.dumps({"error": error_object(error)}).encode()
             head = [
                 STATUS_LINE[refusal.status],
                 b"content-type: application/json\r\n",
