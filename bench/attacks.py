@@ -3,8 +3,9 @@
     python -m bench.attacks                      # the attacks at full size (59-minute files)
     python -m bench.attacks --minutes 10 --json attacks.json
 
-Each attack runs against a fresh `python -m service` (bundled model unless `--model`), so the
-peak memory (VmHWM) of one is not the other's:
+The attacks run one after another against one `python -m service` (bundled model unless
+`--model`, default settings), the long uploads first, so that the peak memory (VmHWM) read
+after them is theirs:
 
 - baseline: short uploads (the model's samples), one at a time, for `--seconds`;
 - long uploads: `--uploads` concurrent uploads of a FLAC that decodes to `--minutes` minutes
@@ -17,12 +18,11 @@ peak memory (VmHWM) of one is not the other's:
   `max_utterance_seconds=120`, `partial_interval_ms=100`, speech without pauses, and short
   uploads one at a time for `--seconds`.
 
-The table gives the short uploads' statuses and latency percentiles under each attack. Nothing
-is asserted here (tests/reliability/test_attacks.py holds the scaled-down checks); the figures
-go in the README's reliability section.
+It prints one table: per attack, what the attackers got, and the short uploads' statuses and
+latency percentiles beside it. Nothing is asserted here (tests/reliability/test_attacks.py
+holds the scaled-down checks); the figures go in the README's reliability section.
 """
 
-import argparse
 import asyncio
 import contextlib
 import io
@@ -41,8 +41,8 @@ import soxr
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from bench import common
 from bench.serverproc import Server, running_server
-from service.settings import DEFAULT_MODEL_DIR
 
 TRANSCRIBE = "/v1/audio/transcriptions"
 RATE = 16_000
@@ -199,34 +199,70 @@ async def attack_streams(
     return short
 
 
+def _statuses(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} x {status}" for status, n in counts.items()) or "-"
+
+
+def print_table(report: dict[str, Any]) -> None:
+    """The README's table: one row per attack."""
+    print(
+        "| attack | what the attackers got | short uploads: status | p50 s | p99 s | max s |\n"
+        "|---|---|---|---|---|---|"
+    )
+    rows = [
+        ("none (baseline)", "-", report["baseline"]),
+        (
+            f"{report['uploads']} long uploads ({report['minutes']} min)",
+            f"{_statuses(report['long_uploads']['statuses'])}; peak RSS "
+            f"{report['long_uploads']['peak_rss_mb']} MB from "
+            f"{report['long_uploads']['rss_before_mb']} MB",
+            None,
+        ),
+        (
+            f"6 slow decodes ({report['minutes']} min at 192 kHz)",
+            _statuses(report["slow_decodes"]["slow_statuses"]),
+            report["slow_decodes"],
+        ),
+        (
+            "8 greedy streams",
+            "partials per session: "
+            + ", ".join(str(p) for p in report["streams"]["partials_per_session"]),
+            report["streams"],
+        ),
+    ]
+    for name, attackers, short in rows:
+        cells = ["-", "-", "-", "-"]
+        if short is not None:
+            cells = [
+                _statuses(short["statuses"]),
+                *(str(short[key]) for key in ("p50_s", "p99_s", "max_s")),
+            ]
+        print(f"| {name} | {attackers} | " + " | ".join(cells) + " |")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR)
+    parser = common.parser("bench.attacks", __doc__)
     parser.add_argument("--minutes", type=int, default=59)
     parser.add_argument("--uploads", type=int, default=10)
     parser.add_argument("--long-timeout", type=float, default=60.0)
     parser.add_argument("--seconds", type=float, default=15.0)
-    parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     clips = samples(args.model)
     speech = speech_16k(args.model)
-    report: dict[str, Any] = {"minutes": args.minutes}
+    report: dict[str, Any] = {"minutes": args.minutes, "uploads": args.uploads}
+    long_body, slow_body = long_flac(args.minutes, speech), slow_flac(args.minutes)
     with running_server(args.model) as server:
         report["baseline"] = asyncio.run(short_uploads(server.url, clips, args.seconds))
-    with running_server(args.model) as server:
-        body = long_flac(args.minutes, speech)
+        # first of the attacks: the peak memory read after it is its own
         report["long_uploads"] = asyncio.run(
-            attack_long_uploads(server, body, args.uploads, args.long_timeout)
+            attack_long_uploads(server, long_body, args.uploads, args.long_timeout)
         )
-    with running_server(args.model) as server:
         report["slow_decodes"] = asyncio.run(
-            attack_slow_decodes(server, slow_flac(args.minutes), clips, args.seconds)
+            attack_slow_decodes(server, slow_body, clips, args.seconds)
         )
-    with running_server(args.model) as server:
         report["streams"] = asyncio.run(attack_streams(server, speech, clips, args.seconds))
-    print(json.dumps(report, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
+    print_table(report)
+    common.write_json(args.json, report)
     return 0
 
 
