@@ -259,5 +259,6 @@ def uvicorn_options(settings: Settings, metrics: Metrics | None = None) -> dict[
     message size."""
     return {
         "http": protocol_for(settings, metrics),
-        "ws_max_size": settings.max_frame_bytes + 64 * 1024,  # the route answers oversize frames
+        # the routes answer oversize messages themselves (an error event, then close 1009)
+        "ws_max_size": max(settings.max_frame_bytes, settings.realtime_max_event_bytes) + 64 * 1024,
     }
