@@ -670,3 +670,27 @@ def test_streaming_sessions_cannot_starve_uploads(
     assert [status for status, _ in answers] == [200] * UPLOADS, answers
     assert max(latency for _, latency in answers) < 1.5, answers
     assert all(p > 0 for p in partials), partials  # the sessions were served too
+
+
+def test_realtime_sessions_count_in_the_per_client_limit(hog_server: LiveServer) -> None:
+    """Two /v1/audio/stream sessions with one key fill its share: a Realtime session with the
+    same key is refused (error event `session_limit`, close 1013)."""
+
+    async def run() -> None:
+        query = f"sample_rate={RATE}"
+        realtime = hog_server.url.replace("http://", "ws://") + (
+            f"/v1/realtime?intent=transcription&api_key={KEYS[0]}"
+        )
+        async with contextlib.AsyncExitStack() as stack:
+            for _ in range(2):
+                ws = await stack.enter_async_context(connect(keyed(hog_server, KEYS[0], query)))
+                await expect(ws, "session.created")
+            async with connect(realtime) as third:
+                event = json.loads(await asyncio.wait_for(third.recv(), 10))
+                assert event["type"] == "error", event
+                assert event["error"]["code"] == "session_limit", event
+                with pytest.raises(ConnectionClosed):
+                    await asyncio.wait_for(third.recv(), 10)
+                assert third.close_code == 1013
+
+    asyncio.run(run())
