@@ -173,6 +173,9 @@ EXPECTED: dict[str, Callable[[Result], bool]] = {
     "stt_threads": positive,
     "sum(stt_streams_active)": lambda r: one(r) == 0,
     "sum(rate(stt_streams_opened_total[W]))": positive,
+    # the traffic has ended: no upload is decoding or holds audio any more
+    "sum by (lane) (stt_decodes_pending)": empty_or_zero,
+    "sum(stt_inflight_audio_seconds)": lambda r: one(r) == 0,
     "sum by (reason) (rate(stt_streams_closed_total[W]))": (
         lambda r: labels(r, "reason") == {"end"} and positive(r)
     ),
