@@ -34,7 +34,9 @@ RUN python -m venv "$VIRTUAL_ENV" \
     && pip install --index-url "$index" torch==2.13.0
 # Only pyproject.toml: editing the source does not reinstall the dependencies.
 COPY pyproject.toml /tmp/pyproject.toml
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('/tmp/pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
+# EXTRAS=ray adds the `ray` extra (python -m service.scale; docker-compose's `ray` profile)
+ARG EXTRAS=""
+RUN python -c "import os, tomllib; p = tomllib.load(open('/tmp/pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + [d for e in os.environ['EXTRAS'].split(',') if e for d in p['optional-dependencies'][e]]))" > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt
 
 

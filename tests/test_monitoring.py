@@ -163,16 +163,19 @@ EXPECTED: dict[str, Callable[[Result], bool]] = {
     "histogram_quantile(0.95, sum by (stage, le) (rate(stt_stage_duration_seconds_bucket[W])))": (
         lambda r: {"features", "encoder", "decoding"} <= labels(r, "stage") and positive(r)
     ),
-    "sum by (worker, device) (rate(stt_worker_busy_seconds_total[W]))": (
+    "sum by (replica, worker, device) (rate(stt_worker_busy_seconds_total[W]))": (
         lambda r: labels(r, "device") == {"cpu"} and positive(r) and max(values(r)) <= 1.01
     ),
-    "sum by (worker, device) (rate(stt_worker_batches_total[W]))": (
+    "sum by (replica, worker, device) (rate(stt_worker_batches_total[W]))": (
         lambda r: labels(r, "device") == {"cpu"} and positive(r)
     ),
     "stt_event_loop_tasks": positive,
     "stt_threads": positive,
     "sum(stt_streams_active)": lambda r: one(r) == 0,
     "sum(rate(stt_streams_opened_total[W]))": positive,
+    # the traffic has ended: no upload is decoding or holds audio any more
+    "sum by (lane) (stt_decodes_pending)": empty_or_zero,
+    "sum(stt_inflight_audio_seconds)": lambda r: one(r) == 0,
     "sum by (reason) (rate(stt_streams_closed_total[W]))": (
         lambda r: labels(r, "reason") == {"end"} and positive(r)
     ),

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import io
 import math
+import threading
 from typing import BinaryIO, Final
 
 import av
@@ -44,7 +45,13 @@ import soxr
 
 from service.errors import BadAudio, PayloadTooLarge, UnsupportedMediaType
 
-__all__ = ["MAX_SAMPLE_RATE", "MIN_SAMPLE_RATE", "decode_audio", "probe_duration"]
+__all__ = [
+    "MAX_SAMPLE_RATE",
+    "MIN_SAMPLE_RATE",
+    "DecodeStopped",
+    "decode_audio",
+    "probe_duration",
+]
 
 MIN_SAMPLE_RATE: Final = 4000
 """Lowest input sample rate accepted (Hz); below it there is no usable speech band."""
@@ -85,8 +92,17 @@ _AV_CODECS: Final = frozenset(
 _SNIFF_BYTES: Final = 64
 
 
+class DecodeStopped(Exception):
+    """Decoding was stopped by its caller (`stop` was set: the deadline passed)."""
+
+
 def decode_audio(
-    data: bytes | BinaryIO, *, sample_rate: int, max_seconds: float, max_channels: int = 2
+    data: bytes | BinaryIO,
+    *,
+    sample_rate: int,
+    max_seconds: float,
+    max_channels: int = 2,
+    stop: threading.Event | None = None,
 ) -> npt.NDArray[np.float32]:
     """Decode `data` (a whole audio file, as bytes or a seekable binary file) to float32 mono
     at `sample_rate` Hz.
@@ -109,6 +125,7 @@ def decode_audio(
             the track's codec is not one we take.
         PayloadTooLarge: the audio lasts longer than `max_seconds`.
         ValueError: a non-positive `sample_rate`, `max_seconds` or `max_channels` (a caller bug).
+        DecodeStopped: `stop` was set (checked between blocks, so decoding stops within one).
     """
     if sample_rate <= 0 or max_seconds <= 0 or max_channels < 1:
         raise ValueError(
@@ -118,7 +135,7 @@ def decode_audio(
     data = _seekable(data)
     container = sniff(data)
     if container not in _LIBSNDFILE:
-        return _decode_av(data, container, sample_rate, max_seconds, max_channels)
+        return _decode_av(data, container, sample_rate, max_seconds, max_channels, stop)
     with _open(data) as f:
         rate_in = int(f.samplerate)
         channels = int(f.channels)
@@ -130,7 +147,7 @@ def decode_audio(
         if known and header_frames > max_seconds * rate_in:
             raise PayloadTooLarge(_too_long(header_frames / rate_in, max_seconds))
         mono = _read_mono(
-            f, rate_in, channels, max_seconds, sample_rate, header_frames if known else None
+            f, rate_in, channels, max_seconds, sample_rate, header_frames if known else None, stop
         )
     if mono.size == 0:
         raise BadAudio(f"audio is too short: it does not last one sample at {sample_rate} Hz")
@@ -244,7 +261,12 @@ def _declared_seconds(media: av.container.InputContainer, stream: av.AudioStream
 
 
 def _decode_av(
-    data: BinaryIO, container: str, sample_rate: int, max_seconds: float, max_channels: int
+    data: BinaryIO,
+    container: str,
+    sample_rate: int,
+    max_seconds: float,
+    max_channels: int,
+    stop: threading.Event | None = None,
 ) -> npt.NDArray[np.float32]:
     """Decode the first audio track of a WebM/MP4/AAC file, frame by frame, as `decode_audio`."""
     with _open_av(data, container) as media:
@@ -269,6 +291,8 @@ def _decode_av(
         total = 0
         try:
             for packet in media.demux(stream):  # other tracks (video) are read past, not decoded
+                if stop is not None and stop.is_set():
+                    raise DecodeStopped
                 for frame in packet.decode():
                     for block in planar.resample(frame):
                         samples = block.to_ndarray().astype(np.float32, copy=False)
@@ -376,6 +400,7 @@ def _read_mono(
     max_seconds: float,
     target_rate: int,
     header_frames: int | None,
+    stop: threading.Event | None = None,
 ) -> npt.NDArray[np.float32]:
     """Read every frame of `f`, averaging channels and resampling block by block.
 
@@ -398,6 +423,8 @@ def _read_mono(
     out = _Samples(math.ceil(expected * target_rate / rate) + 16)
     total = 0
     while True:
+        if stop is not None and stop.is_set():
+            raise DecodeStopped
         try:
             n = int(f.buffer_read_into(buf, dtype="float32"))
         except (sf.SoundFileError, RuntimeError) as exc:

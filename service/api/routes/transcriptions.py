@@ -1,10 +1,12 @@
 """`POST /v1/audio/transcriptions` and `/v1/audio/translations`, as the OpenAI API has them."""
 
 import asyncio
+import contextlib
 import dataclasses
 import json
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 
 import numpy as np
 from fastapi import APIRouter, Request, UploadFile
@@ -12,6 +14,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 
 from service.api import render
 from service.api.deps import EngineDep, SettingsDep
+from service.api.gate import DecodeGate
 from service.api.observe import RequestFacts, facts
 from service.api.requests import (
     ChunkingStrategy,
@@ -27,11 +30,15 @@ from service.api.schemas import (
     TranscriptionVerbose,
 )
 from service.audio import decode_audio
+from service.audio.cost import DecodeEstimate, estimate_decode
 from service.audio.windows import Window, has_speech, plan_windows
+from service.engine.budget import Reservation
 from service.engine.engine import ClientGone, Engine
 from service.engine.types import GenerationParams, Job, Transcript
 from service.errors import (
     BadAudio,
+    DeadlineExceeded,
+    InvalidRequest,
     ModelNotFound,
     PayloadTooLarge,
     ServiceError,
@@ -44,6 +51,15 @@ from service.streaming.detok import IncrementalDetokenizer
 from service.streaming.vad import plan_speech_windows
 
 router = APIRouter(tags=["audio"], responses=ERROR_RESPONSES)
+
+# Below this a sampling temperature or a repetition penalty divides the logits into infinities
+# (1e-45 is 0 in float32, 1e-9 turns a logit of 40 into 4e10 and the softmax into NaN); vLLM
+# draws its line for temperature at the same 0.01. Refused with a 400, never sent to the model.
+MIN_TEMPERATURE = 0.01
+MIN_REPETITION_PENALTY = 0.01
+# Uploads up to this size have their header read on the event loop (Starlette spools them in
+# memory up to 1 MB; a thread hop costs more there, under load, than the read itself).
+INLINE_ESTIMATE_BYTES = 1024 * 1024
 
 _RESPONSES: dict[int | str, dict[str, object]] = {
     200: {
@@ -94,24 +110,31 @@ async def _disconnected(request: Request) -> None:
 
 
 async def _decode(
-    request: Request, engine: Engine, settings: Settings, file: UploadFile
+    engine: Engine, settings: Settings, file: UploadFile, deadline: float
 ) -> np.ndarray:
-    """The upload as float32 mono at the model's rate, decoded off the event loop."""
+    """Decode off the event loop; at the deadline decoding is stopped (within one block)."""
+    stop = threading.Event()
+    decoding = asyncio.ensure_future(
+        asyncio.to_thread(
+            decode_audio,
+            file.file,  # the upload as spooled (to disk when large): never all in memory
+            sample_rate=engine.info.sampling_rate,
+            max_seconds=settings.max_audio_seconds,
+            max_channels=settings.max_channels,
+            stop=stop,
+        )
+    )
     try:
-        async with request.app.state.decode_gate.slot():
-            started = time.perf_counter()
-            audio = await asyncio.to_thread(
-                decode_audio,
-                file.file,  # the upload as spooled (to disk when large): never all in memory
-                sample_rate=engine.info.sampling_rate,
-                max_seconds=settings.max_audio_seconds,
-                max_channels=settings.max_channels,
-            )
-    except (BadAudio, UnsupportedMediaType, PayloadTooLarge) as exc:
-        exc.param = exc.param or "file"
-        raise
-    engine.metrics.observe_stage("decode", time.perf_counter() - started)
-    return audio
+        return await asyncio.wait_for(
+            asyncio.shield(decoding), max(0.0, deadline - time.monotonic())
+        )
+    except (TimeoutError, asyncio.CancelledError) as exc:
+        stop.set()
+        with contextlib.suppress(Exception):
+            await decoding  # the slot is held until the thread has really stopped
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+        raise DeadlineExceeded("decoding did not finish within the request's deadline") from None
 
 
 def _plan(
@@ -149,18 +172,88 @@ async def _handle(
     request: Request, engine: Engine, settings: Settings, body: TranscriptionRequest
 ) -> Response:
     params = body.to_params(settings, engine.adapter.default_max_new_tokens)
+    if 0 < body.temperature < MIN_TEMPERATURE:
+        raise InvalidRequest(
+            f"temperature is {body.temperature:g}: use 0 (greedy) or {MIN_TEMPERATURE} to 2",
+            param="temperature",
+        )
+    if body.repetition_penalty < MIN_REPETITION_PENALTY:
+        raise InvalidRequest(
+            f"repetition_penalty is {body.repetition_penalty:g}; the least is "
+            f"{MIN_REPETITION_PENALTY}",
+            param="repetition_penalty",
+        )
     _check_model(engine, settings, body)
     if body.words:
         params = dataclasses.replace(params, words=True)
     record = facts(request.scope)
     record.response_format = body.response_format
     engine.adapter.validate(params)
+    # One deadline from here on: waiting for a decode slot, decoding and the engine count.
+    deadline = engine.deadline(body.timeout)
     # refuse overload before paying for decoding (which would slow the workers further);
     # `EarlyAdmission` did the same before the body was parsed, with the default deadline
-    engine.scheduler.admit(engine.deadline(body.timeout))
-    audio = await _decode(request, engine, settings, body.file)
+    engine.scheduler.admit(deadline)
+    file = body.file
+    if (file.size or 0) <= INLINE_ESTIMATE_BYTES:  # a header read in memory: no thread hop
+        estimate = estimate_decode(file.file, settings.max_audio_seconds)
+    else:
+        estimate = await asyncio.to_thread(estimate_decode, file.file, settings.max_audio_seconds)
+    reservation = engine.audio_budget.reserve(estimate.seconds, deadline)
+    try:
+        response = await _decode_and_transcribe(
+            request, engine, settings, body, params, deadline, estimate, reservation
+        )
+    except BaseException:
+        reservation.release()
+        raise
+    if isinstance(response, StreamingResponse):  # the reservation lasts as long as the stream
+        response.body_iterator = _releasing(response.body_iterator, reservation)
+    else:
+        reservation.release()
+    return response
+
+
+async def _releasing(
+    events: AsyncIterable[str | bytes | memoryview], reservation: Reservation
+) -> AsyncIterator[str | bytes | memoryview]:
+    try:
+        async for event in events:
+            yield event
+    finally:
+        reservation.release()
+
+
+async def _decode_and_transcribe(
+    request: Request,
+    engine: Engine,
+    settings: Settings,
+    body: TranscriptionRequest,
+    params: GenerationParams,
+    deadline: float,
+    estimate: DecodeEstimate,
+    reservation: Reservation,
+) -> Response:
+    record = facts(request.scope)
+    gate: DecodeGate = request.app.state.decode_gate
+    try:
+        async with gate.slot(estimate, deadline):
+            started = time.perf_counter()
+            audio = await _decode(engine, settings, body.file, deadline)
+            gate.record(estimate, time.perf_counter() - started)
+    except (BadAudio, UnsupportedMediaType, PayloadTooLarge) as exc:
+        exc.param = exc.param or "file"
+        raise
+    except DeadlineExceeded:
+        engine.metrics.cancellations.labels(reason="deadline").inc()
+        raise
+    engine.metrics.observe_stage("decode", time.perf_counter() - started)
+    arrived_at = request.scope.get("state", {}).get("arrived_at")
+    if isinstance(arrived_at, float):
+        gate.record_pre_queue(time.monotonic() - arrived_at)
     rate = engine.info.sampling_rate
     duration = len(audio) / rate
+    reservation.resize(duration)
     record.audio_seconds = duration
     max_window = settings.max_window_seconds
     if engine.info.architecture == "whisper":  # Whisper sees at most 30 s
@@ -175,7 +268,7 @@ async def _handle(
         results = engine.transcribe_pieces(
             [audio[w.start : w.end] for w in windows],
             params,
-            timeout=body.timeout,
+            deadline=deadline,
             client_gone=None if body.stream else lambda: _disconnected(request),
         )
         spans = [(w.speech_start / rate, w.speech_end / rate) for w in windows]
@@ -191,11 +284,11 @@ async def _handle(
             return Response(status_code=499)
     elif body.stream:
         tokens: asyncio.Queue[tuple[int, float]] = asyncio.Queue()
-        job = engine.submit(audio, params, timeout=body.timeout, tokens=tokens)  # 429/503 JSON
+        job = engine.submit(audio, params, deadline=deadline, tokens=tokens)  # 429/503 JSON
         return _event_stream(_token_events(reply, job, tokens))
     else:
         try:
-            job = engine.submit(audio, params, timeout=body.timeout)
+            job = engine.submit(audio, params, deadline=deadline)
             result = await engine.result(job, client_gone=lambda: _disconnected(request))
         except ClientGone:
             return Response(status_code=499)  # nobody reads it; ends the request cleanly
