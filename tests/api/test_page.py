@@ -400,15 +400,15 @@ def test_file_to_subtitles_download_and_the_api_error(
     refusal = httpx.post(
         server.url + "/v1/audio/transcriptions", files={"file": garbage.read_bytes()}
     )
-    assert refusal.status_code == 415
+    assert refusal.status_code == 400
     page.set_input_files("#file-input", garbage)
     expect(page.locator("#result")).to_be_hidden()  # the last file's result goes with it
     page.click("#transcribe")
     expect(page.locator("#file-error")).to_contain_text(refusal.json()["error"]["message"])
-    expect(page.locator("#file-error")).to_contain_text("415")
+    expect(page.locator("#file-error")).to_contain_text("400")
     _shot(page, shots, "file-3-error")
     # a browser logs a failed fetch as an error; nothing else may appear
-    desktop.problems = [p for p in desktop.problems if "status of 415" not in p]
+    desktop.problems = [p for p in desktop.problems if "status of 400" not in p]
     desktop.assert_clean()
 
 
