@@ -136,6 +136,13 @@ class Engine:
                 f"at {rate} Hz; the model needs at least {self.adapter.min_samples}",
                 param="file",
             )
+        longest = self.info.max_input_seconds
+        if longest is not None and len(audio) > longest * self.info.sampling_rate:
+            raise BadAudio(
+                f"audio is {len(audio) / self.info.sampling_rate:.1f} s long; this model takes "
+                f"windows of at most {longest:g} s",
+                param="file",
+            )
         loop = asyncio.get_running_loop()
         job = Job(
             audio=audio,

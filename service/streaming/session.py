@@ -17,6 +17,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Literal
@@ -83,7 +84,10 @@ class StreamSession:
         self.endpointer = Endpointer(
             self.rate,
             silence_ms=config.silence_duration_ms,
-            max_utterance_seconds=config.max_utterance_seconds,
+            # an utterance is one model input: no longer than the model's window (Whisper: 30 s)
+            max_utterance_seconds=min(
+                config.max_utterance_seconds, engine.info.max_input_seconds or math.inf
+            ),
             threshold_db=config.vad_threshold_db,
         )
         self.agreement = LocalAgreement()

@@ -11,8 +11,7 @@ import torch
 from service.engine.adapter import ModelAdapter
 from service.engine.types import GenerationParams
 from service.errors import InvalidRequest, StartupError, Unsupported
-
-KINDS = ["wav2vec2-bert", "hubert-gpt2", "wav2vec2-bart", "speech2text", "wav2vec2-groupnorm-bert"]
+from tests.checkpoints import KINDS
 
 
 def clip(seconds: float, seed: int = 0) -> np.ndarray:
@@ -24,9 +23,10 @@ def test_loads_and_describes_each_kind(checkpoints: dict[str, Path], kind: str) 
     adapter = ModelAdapter(checkpoints[kind], "tiny")
     info = adapter.info
     assert info.sampling_rate == 16_000
-    expected_input = "input_features" if kind == "speech2text" else "input_values"
-    assert info.input_name == expected_input
+    features = kind == "speech2text" or kind.startswith("whisper")
+    assert info.input_name == ("input_features" if features else "input_values")
     assert info.padding_invariant == (kind not in ("wav2vec2-groupnorm-bert", "speech2text"))
+    assert info.max_input_seconds == (30.0 if kind.startswith("whisper") else None)
     assert adapter.dtype == torch.float32
     (row,) = adapter.transcribe([clip(1.0)], GenerationParams(max_new_tokens=6))
     assert 0 < len(row.tokens) <= 6
