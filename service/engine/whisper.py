@@ -36,7 +36,9 @@ class WhisperSupport:
             for attr in ("is_multilingual", "no_timestamps_token_id")
             if getattr(gen, attr, None) is None
         ]
-        self.multilingual = bool(getattr(gen, "is_multilingual", False))
+        declared = getattr(gen, "is_multilingual", None)
+        # an old config does not say: the vocabulary does (English-only: 51,864 tokens)
+        self.multilingual = bool(declared) if declared is not None else len(tokenizer) > 51_864
         if self.multilingual:
             missing += [a for a in ("lang_to_id", "task_to_id") if not getattr(gen, a, None)]
         if missing:
