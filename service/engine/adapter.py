@@ -422,6 +422,9 @@ class ModelAdapter:
             inputs = self._encode_separately(audios, sinks, grow)
         else:
             inputs = self.features(audios)
+            if self.whisper is not None:  # else language detection runs the encoder again
+                hidden = self.model.get_encoder()(**inputs).last_hidden_state
+                inputs = {"encoder_outputs": BaseModelOutput(last_hidden_state=hidden)}
         kwargs = self.generate_kwargs(params)
         if wanted is not None:
             kwargs["stopping_criteria"] = StoppingCriteriaList([_Cancelled(wanted, len(audios))])
@@ -497,8 +500,11 @@ class ModelAdapter:
 
     def _decode(self, out: Any, params: GenerationParams) -> list[Decoded]:
         sequences = out.sequences
+        beams = getattr(out, "beam_indices", None)
+        if out.scores and out.scores[0].shape[0] == sequences.shape[0]:
+            beams = None  # Whisper hands back each row's own beam's scores already
         scores = self.model.compute_transition_scores(
-            sequences, out.scores, getattr(out, "beam_indices", None), normalize_logits=True
+            sequences, out.scores, beams, normalize_logits=True
         )
         steps = scores.shape[1]
         generated = sequences[:, -steps:] if steps else sequences[:, :0]
