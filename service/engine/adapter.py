@@ -29,6 +29,7 @@ from transformers import (
 from transformers.generation.streamers import BaseStreamer
 from transformers.modeling_outputs import BaseModelOutput
 
+from service.engine import checkpoint
 from service.engine.buckets import bucket_samples
 from service.engine.types import GenerationParams
 from service.engine.whisper import WhisperSupport
@@ -141,6 +142,7 @@ class ModelAdapter:
                 "folder written by save_pretrained"
             )
         config = AutoConfig.from_pretrained(model_dir)
+        checkpoint.require_weights(model_dir)
         try:
             self.feature_extractor = AutoFeatureExtractor.from_pretrained(model_dir)
         except (OSError, ValueError) as exc:

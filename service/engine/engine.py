@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 import numpy as np
 import torch
 
+from service.engine import checkpoint
 from service.engine.adapter import ModelAdapter, ModelInfo
 from service.engine.pool import WorkerPool
 from service.engine.scheduler import Scheduler
@@ -77,7 +78,8 @@ class Engine:
         """
         cores = os.cpu_count() or 1
         devices = settings.devices(torch.cuda.device_count(), cores)
-        first = ModelAdapter(settings.model_dir, settings.served_name, devices[0], settings.dtype)
+        folder = checkpoint.resolve(settings.model) if settings.model else settings.model_dir
+        first = ModelAdapter(folder, settings.served_name, devices[0], settings.dtype)
         if "cpu" in devices and not settings.cpu_workers:
             parameters = sum(p.numel() for p in first.model.parameters())
             devices = settings.devices(torch.cuda.device_count(), cores, parameters)
@@ -88,7 +90,7 @@ class Engine:
             adapter = (
                 first
                 if index == 0
-                else ModelAdapter(settings.model_dir, settings.served_name, device, settings.dtype)
+                else ModelAdapter(folder, settings.served_name, device, settings.dtype)
             )
             if settings.warmup:
                 started = time.monotonic()
