@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from tokenizers import AddedToken
+from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers, trainers
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import (
     BartConfig,
@@ -36,6 +36,8 @@ from transformers import (
     GPT2Config,
     GPT2Tokenizer,
     HubertConfig,
+    MBart50Tokenizer,
+    MBartConfig,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -59,6 +61,7 @@ KINDS = (
     "wav2vec2-bart",
     "speech2text",
     "wav2vec2-groupnorm-bert",
+    "wav2vec2-mbart50",
     "whisper",
     "whisper-en",
 )
@@ -137,6 +140,56 @@ def bart_tokenizer(out_dir: Path) -> BartTokenizer:
     """BART style: `<s>`=0, `<pad>`=1, `</s>`=2, `<unk>`=3, then bytes and merges, `<mask>` last."""
     vocab, merges = byte_level_files(out_dir, ("<s>", "<pad>", "</s>", "<unk>"), ("<mask>",))
     return BartTokenizer(vocab=vocab, merges=merges)
+
+
+# A few sentences in three of mBART-50's languages: the multilingual tokenizer's training text.
+MULTILINGUAL_TEXT = (
+    "turn on the lights", "three four five", "set a timer for ten minutes", "call home",
+    "schalte das licht ein", "drei vier fünf", "stelle einen timer für zehn minuten",
+    "allume la lumière", "trois quatre cinq", "règle une minuterie de dix minutes",
+)  # fmt: skip
+
+
+def mbart50_tokenizer() -> MBart50Tokenizer:
+    """An mBART-50 tokenizer over a Unigram model (sentencepiece's algorithm) trained here.
+
+    `tokenizers`' Unigram trainer needs no `sentencepiece` package. `MBart50Tokenizer` lays the
+    vocabulary out as fairseq does: <s>=0, <pad>=1, </s>=2, <unk>=3, the pieces, then the 52
+    language codes (`de_DE`, `en_XX`, ...) and <mask>, so language ids never overlap pieces.
+    """
+    unigram = Tokenizer(models.Unigram())
+    unigram.normalizer = normalizers.NFKC()
+    unigram.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    trainer = trainers.UnigramTrainer(
+        vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], unk_token="<unk>"
+    )
+    unigram.train_from_iterator([*MULTILINGUAL_TEXT, *WORDS] * 20, trainer)
+    vocab = json.loads(unigram.to_str())["model"]["vocab"]  # [piece, log-probability] rows
+    return MBart50Tokenizer(vocab=[(piece, score) for piece, score in vocab])
+
+
+def mbart_decoder(vocab_size: int) -> MBartConfig:
+    return MBartConfig(
+        vocab_size=vocab_size,
+        d_model=HIDDEN,
+        decoder_layers=2,
+        decoder_attention_heads=2,
+        decoder_ffn_dim=2 * HIDDEN,
+        encoder_layers=2,  # generate() sizes the KV cache with num_hidden_layers (see BART)
+        encoder_attention_heads=2,
+        encoder_ffn_dim=2 * HIDDEN,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        pad_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+        forced_eos_token_id=None,
+        init_std=INIT_STD,
+        scale_embedding=False,
+        tie_word_embeddings=False,
+        is_decoder=True,
+        add_cross_attention=True,
+    )
 
 
 # ------------------------------------------------------------------------- feature extractors
@@ -276,7 +329,7 @@ BERT_VOCAB_KINDS = ("wav2vec2-bert", "wav2vec2-groupnorm-bert", "speech2text")
 def generation_ids(kind: str, tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
     """[CLS] ... [SEP] for the word-piece vocab; `</s>` ... `</s>` for BART (as BART does);
     `<|endoftext|>` ... `<|endoftext|>` for GPT-2, which pads with EOS too."""
-    if kind == "wav2vec2-bart":
+    if kind in ("wav2vec2-bart", "wav2vec2-mbart50"):  # mBART-50 starts with </s> too
         start = tokenizer.eos_token_id
     elif tokenizer.cls_token_id is not None:
         start = tokenizer.cls_token_id
@@ -369,6 +422,7 @@ def build_checkpoint(kind: str, out_dir: Path, seed: int = 0) -> Path:
         "hubert-gpt2": lambda d: (gpt2_tokenizer(d), wav2vec2_feature_extractor(True)),
         "wav2vec2-bart": lambda d: (bart_tokenizer(d), wav2vec2_feature_extractor(True)),
         "speech2text": lambda d: (bert_tokenizer(d), speech2text_feature_extractor()),
+        "wav2vec2-mbart50": lambda d: (mbart50_tokenizer(), wav2vec2_feature_extractor(True)),
     }
     if kind not in builders and kind not in WHISPER_KINDS:
         raise ValueError(f"unknown checkpoint kind {kind!r}; expected one of {KINDS}")
@@ -391,6 +445,9 @@ def build_checkpoint(kind: str, out_dir: Path, seed: int = 0) -> Path:
         model = speech_encoder_decoder(hubert_config(), decoder)
     elif kind == "wav2vec2-bart":
         decoder = bart_decoder(vocab_size, tokenizer)
+        model = speech_encoder_decoder(wav2vec2_config(layer_norm=True), decoder)
+    elif kind == "wav2vec2-mbart50":
+        decoder = mbart_decoder(vocab_size)
         model = speech_encoder_decoder(wav2vec2_config(layer_norm=True), decoder)
     else:
         model = speech2text_model(vocab_size, ids)

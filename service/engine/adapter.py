@@ -332,7 +332,11 @@ class ModelAdapter:
             )
         codes = getattr(self.tokenizer, "lang_code_to_id", None)
         if params.language and codes and self._language_code(params.language) is None:
-            raise InvalidRequest(f"unknown language {params.language!r}", param="language")
+            known = ", ".join(sorted({code.split("_")[0] for code in codes}))
+            raise InvalidRequest(
+                f"unknown language {params.language!r}; this model knows {known}",
+                param="language",
+            )
 
     def _language_code(self, language: str) -> str | None:
         codes: dict[str, int] = getattr(self.tokenizer, "lang_code_to_id", None) or {}
