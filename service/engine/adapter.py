@@ -21,6 +21,7 @@ from transformers import (
     AutoFeatureExtractor,
     AutoModelForSpeechSeq2Seq,
     AutoTokenizer,
+    GenerationConfig,
     PreTrainedModel,
     SpeechEncoderDecoderModel,
     StoppingCriteria,
@@ -31,6 +32,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from service.engine import checkpoint
 from service.engine.buckets import bucket_samples
+from service.engine.flax import load_flax
 from service.engine.types import GenerationParams
 from service.engine.whisper import WhisperSupport
 from service.errors import InvalidRequest, StartupError, Unsupported
@@ -163,7 +165,11 @@ class ModelAdapter:
             else AutoModelForSpeechSeq2Seq
         )
         try:
-            model: PreTrainedModel = model_cls.from_pretrained(model_dir, dtype=self.dtype)
+            model: PreTrainedModel = (
+                self._from_flax(model_dir, config)
+                if checkpoint.flax_only(model_dir)
+                else model_cls.from_pretrained(model_dir, dtype=self.dtype)
+            )
         except (OSError, ValueError, KeyError) as exc:
             raise StartupError(f"cannot load weights from {model_dir}: {exc}") from exc
         self.model = model.to(self.device).eval()  # type: ignore[arg-type]
@@ -180,6 +186,19 @@ class ModelAdapter:
         log.info(
             "loaded %s (%s) on %s as %s", name, self.info.architecture, self.device, self.dtype
         )
+
+    def _from_flax(self, model_dir: Path, config: Any) -> PreTrainedModel:
+        """A transformers 4.x Flax checkpoint, converted at load time (no jax needed)."""
+        model: PreTrainedModel = (
+            SpeechEncoderDecoderModel(config=config)
+            if config.model_type == "speech-encoder-decoder"
+            else AutoModelForSpeechSeq2Seq.from_config(config)
+        )
+        load_flax(model, model_dir)
+        if (model_dir / "generation_config.json").is_file():
+            model.generation_config = GenerationConfig.from_pretrained(model_dir)
+        log.info("converted the Flax weights of %s to PyTorch", model_dir)
+        return model.to(self.dtype)  # type: ignore[arg-type]
 
     @staticmethod
     def _dtype(name: str, device: torch.device) -> torch.dtype:

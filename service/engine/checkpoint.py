@@ -18,6 +18,7 @@ WEIGHT_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
+FLAX_WEIGHTS = "flax_model.msgpack"  # transformers 4.x Flax: converted at load time
 
 
 def resolve(model: str, cache_dir: Path | None = None) -> Path:
@@ -50,8 +51,14 @@ def resolve(model: str, cache_dir: Path | None = None) -> Path:
 
 def require_weights(folder: Path) -> None:
     """Fail at start-up, naming what is looked for, when a folder holds no model weights."""
-    if not any((folder / name).is_file() for name in WEIGHT_FILES):
+    if not any((folder / name).is_file() for name in (*WEIGHT_FILES, FLAX_WEIGHTS)):
         raise StartupError(
-            f"{folder} holds no model weights: expected one of {', '.join(WEIGHT_FILES)} "
-            "(as `save_pretrained` writes them)"
+            f"{folder} holds no model weights: expected one of "
+            f"{', '.join((*WEIGHT_FILES, FLAX_WEIGHTS))} (as `save_pretrained` writes them)"
         )
+
+
+def flax_only(folder: Path) -> bool:
+    """Whether the folder's only weights are Flax's (PyTorch weights win when both exist)."""
+    pytorch = any((folder / name).is_file() for name in WEIGHT_FILES)
+    return not pytorch and (folder / FLAX_WEIGHTS).is_file()
