@@ -499,7 +499,7 @@ def whisper_assets_dir() -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run(
             [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-             "--no-build-isolation", WHISPER_SDIST, "-d", tmp],
+             WHISPER_SDIST, "-d", tmp],
             check=True,
         )  # fmt: skip
         (sdist,) = Path(tmp).glob("openai_whisper-*.tar.gz")

@@ -253,3 +253,14 @@ def test_features_are_padded_to_30_s(checkpoints: dict[str, Path]) -> None:
     adapter = ModelAdapter(checkpoints["whisper"], "tiny")
     feats = adapter.features([np.zeros(RATE, np.float32), np.zeros(3 * RATE, np.float32)])
     assert feats["input_features"].shape == (2, 80, 3000)
+
+
+def test_beam_search_equals_generate(multilingual, wav: bytes) -> None:
+    """Whisper hands back each row's own beam: the service's tokens are still generate's."""
+    server, reference = multilingual
+    response = post(
+        server, "/v1/audio/transcriptions", wav, response_format="verbose_json", num_beams="3"
+    )
+    assert response.status_code == 200, response.text
+    _, tokens = reference.generate(wav, task="transcribe", num_beams=3)
+    assert [t for s in response.json()["segments"] for t in s["tokens"]] == tokens
