@@ -49,6 +49,7 @@ class WhisperSupport:
                 "English-only model), or regenerate it as "
                 "https://github.com/huggingface/transformers/issues/25084 describes"
             )
+        self._check_ids(gen, tokenizer, where)
         lang_to_id: dict[str, int] = dict(getattr(gen, "lang_to_id", None) or {})
         # "<|de|>" → "de"; the id → the code, to read the language a prompt used
         self.languages = {token.strip("<|>"): i for token, i in lang_to_id.items()}
@@ -59,6 +60,29 @@ class WhisperSupport:
         self.max_target_positions = int(model.config.max_target_positions)
         # every token from <|endoftext|> on is special, a language, a task or a timestamp
         self.first_special = int(tokenizer.convert_tokens_to_ids("<|endoftext|>"))
+
+    @staticmethod
+    def _check_ids(gen: Any, tokenizer: Any, where: str) -> None:
+        """The config's special ids must be the tokenizer's: a generation config copied from
+        another Whisper generation (large-v3 added a language, shifting every id after it)
+        would force the wrong tokens, silently."""
+        named: dict[str, int] = {
+            "<|startoftranscript|>": gen.decoder_start_token_id,
+            "<|notimestamps|>": gen.no_timestamps_token_id,
+            **{f"<|{task}|>": i for task, i in (getattr(gen, "task_to_id", None) or {}).items()},
+            **dict(getattr(gen, "lang_to_id", None) or {}),
+        }
+        wrong = [
+            f"{token}={given} (the tokenizer has {tokenizer.convert_tokens_to_ids(token)})"
+            for token, given in named.items()
+            if tokenizer.convert_tokens_to_ids(token) != given
+        ]
+        if wrong:
+            raise StartupError(
+                f"the Whisper generation config of {where} does not match its tokenizer: "
+                f"{', '.join(wrong[:5])}{' ...' if len(wrong) > 5 else ''}. Use the "
+                "generation_config.json of the same openai/whisper-* checkpoint"
+            )
 
     @property
     def can_translate(self) -> bool:

@@ -232,6 +232,19 @@ def test_old_generation_config_fails_at_start_up(
     assert "generation_config.json" in message
 
 
+def test_generation_config_of_another_whisper_fails_at_start_up(
+    checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    """large-v3 added a language: a v2 config on a v3 tokenizer is off by one from <|yue|> on."""
+    folder = old_style(checkpoints["whisper"], tmp_path / "shifted")
+    fixed = json.loads((checkpoints["whisper"] / "generation_config.json").read_text())
+    fixed["task_to_id"] = {task: i - 1 for task, i in fixed["task_to_id"].items()}
+    (folder / "generation_config.json").write_text(json.dumps(fixed))
+    with pytest.raises(StartupError, match="does not match its tokenizer") as caught:
+        Engine.load(settings_for(folder, warmup=False, cpu_workers=1))
+    assert "<|transcribe|>=50359 (the tokenizer has 50360)" in str(caught.value)
+
+
 def test_engine_refuses_a_window_longer_than_the_model_takes(
     checkpoints: dict[str, Path],
 ) -> None:
