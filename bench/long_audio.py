@@ -19,10 +19,6 @@ import argparse
 import asyncio
 import bisect
 import contextlib
-import io
-import json
-import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -39,8 +35,9 @@ import numpy.typing as npt
 import soundfile as sf
 import soxr
 
+from bench import common
+from bench.common import speak, wav_bytes
 from bench.serverproc import proc_status_kb, running_server
-from service.settings import DEFAULT_MODEL_DIR
 
 RATE = 16_000
 ESPEAK_RATE = 22_050
@@ -120,19 +117,6 @@ class Report:
     disagreeing: list[tuple[str, str | None, str]] = field(default_factory=list)
 
 
-def speak(text: str) -> npt.NDArray[np.float32]:
-    """espeak-ng speech as float32 at its native 22.05 kHz."""
-    if shutil.which("espeak-ng") is None:
-        raise SystemExit("espeak-ng is required: apt-get install -y espeak-ng")
-    wav = subprocess.run(
-        ["espeak-ng", "-v", "en-us", "-s", "160", "--stdout", text],
-        check=True,
-        capture_output=True,
-    ).stdout
-    # espeak-ng's streamed header has no length; the PCM follows the 44-byte header.
-    return np.frombuffer(wav[44:], dtype="<i2").astype(np.float32) / 32768.0
-
-
 def to_pcm16(audio: npt.NDArray[np.float32]) -> Int16:
     """The 16-bit samples a WAV holds: both modes send exactly these, nothing rounded twice."""
     return np.clip(np.round(audio * 32768.0), -32768, 32767).astype(np.int16)
@@ -159,12 +143,6 @@ def build_recording(path: Path, seconds: float, seed: int) -> Recording:
             f.write(pause)
             at += len(voice) + len(pause)
     return Recording(path, at / RATE, voices, utterances)
-
-
-def wav_bytes(audio: Int16) -> bytes:
-    buf = io.BytesIO()
-    sf.write(buf, audio, RATE, format="WAV", subtype="PCM_16")
-    return buf.getvalue()
 
 
 def rss_mb(pid: int) -> float:
@@ -267,7 +245,7 @@ def short_bodies(recording: Recording) -> tuple[list[bytes], float]:
     """(b)'s request bodies, one per utterance (the eight phrases' WAVs, shared), and the
     audio seconds they carry."""
     quiet = np.zeros(int(QUIET_S * RATE), np.int16)
-    per_phrase = [wav_bytes(np.concatenate([quiet, v, quiet])) for v in recording.voices]
+    per_phrase = [wav_bytes(np.concatenate([quiet, v, quiet]), RATE) for v in recording.voices]
     bodies = [per_phrase[u.phrase] for u in recording.utterances]
     seconds = sum(len(recording.voices[u.phrase]) + 2 * len(quiet) for u in recording.utterances)
     return bodies, seconds / RATE
@@ -454,27 +432,19 @@ def print_report(report: Report) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.long_audio",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR)
+    parser = common.parser("bench.long_audio", __doc__)
     parser.add_argument("--minutes", type=float, default=60.0, help="length of the recording")
     parser.add_argument("--concurrency", type=int, default=16, help="(b)'s concurrent clients")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each mode")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the pauses")
-    parser.add_argument("--json", type=Path, help="also write the measurements here")
     args = parser.parse_args(argv)
     if args.minutes <= 0 or args.concurrency < 1 or args.repeats < 1:
         parser.error("--minutes must be positive, --concurrency and --repeats at least 1")
     report = run(args)
     print_report(report)
-    if args.json:
-        body = asdict(report)
-        for row, r in zip(body["rows"], report.rows, strict=True):
-            row.update(wall_seconds=r.wall_seconds, audio_per_s=r.audio_per_s)
-        args.json.write_text(json.dumps(body, indent=1))
+    body = asdict(report)
+    for row, r in zip(body["rows"], report.rows, strict=True):
+        row.update(wall_seconds=r.wall_seconds, audio_per_s=r.audio_per_s)
+    common.write_json(args.json, body)
 
 
 if __name__ == "__main__":

@@ -39,15 +39,15 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench import common
+from bench.common import percentile
 from bench.serverproc import Sample, running_server
 from bench.soak import (
     CLEAN_EXIT,
     TRANSCRIBE,
     Check,
     load_clips,
-    percentile,
 )
-from service.settings import DEFAULT_MODEL_DIR
 
 SHED = (429, 503)
 THROUGHPUT_TOLERANCE = 0.9  # completions trail arrivals by a latency: allow for the window edges
@@ -505,17 +505,11 @@ def print_report(r: Report) -> None:
     for p in r.phases:
         print(f"{p.name}: {p.server}")
     print()
-    for check in r.checks:
-        print(f"[{'ok' if check.ok else 'FAIL'}] {check.name}: {check.detail}")
-    print("\nPASS" if r.passed else "\nFAIL")
+    common.print_verdict(r.checks, r.passed)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.overload",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = common.parser("bench.overload", __doc__)
     parser.add_argument("--seconds", type=float, default=20.0, help="each open-loop phase")
     parser.add_argument("--factor", type=float, default=4.0, help="overload: x capacity")
     parser.add_argument("--deadline", type=float, default=3.0, help="STT_REQUEST_TIMEOUT_S")
@@ -525,14 +519,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-recovery", type=float, default=0.99, help="success ratio")
     parser.add_argument("--capacity-seconds", type=float, default=5.0)
     parser.add_argument("--capacity-concurrency", type=int, default=32)
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     report = run(args)
     print_report(report)
-    if args.json:
-        args.json.write_text(json.dumps(asdict(report), indent=1))
+    common.write_json(args.json, asdict(report))
     return 0 if report.passed else 1
 
 

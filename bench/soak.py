@@ -51,8 +51,9 @@ import soundfile as sf
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
+from bench import common
+from bench.common import percentile
 from bench.serverproc import Sample, Server, running_server, scrape
-from service.settings import DEFAULT_MODEL_DIR
 
 TRANSCRIBE = "/v1/audio/transcriptions"
 TRANSLATE = "/v1/audio/translations"
@@ -115,10 +116,6 @@ def wait_drained(url: str, timeout: float = 120) -> list[Sample]:
         if idle or time.monotonic() > give_up:
             return samples
         time.sleep(0.2)
-
-
-def percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q)) if values else float("nan")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -785,33 +782,23 @@ def print_report(r: Report) -> None:
     for example in r.wrong_examples + r.stream_failures:
         print(f"  wrong: {example}")
     print()
-    for check in r.checks:
-        print(f"[{'ok' if check.ok else 'FAIL'}] {check.name}: {check.detail}")
-    print("\nPASS" if r.passed else "\nFAIL")
+    common.print_verdict(r.checks, r.passed)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.soak",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = common.parser("bench.soak", __doc__)
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--streams", type=int, default=8)
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--timeout", type=float, default=300.0, help="client timeout and server deadline (s)"
     )
-    parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     if args.requests < 1 or args.concurrency < 1 or args.streams < 0:
         parser.error("--requests and --concurrency must be >= 1, --streams >= 0")
     report = run(args)
     print_report(report)
-    if args.json:
-        args.json.write_text(json.dumps(asdict(report), indent=1))
+    common.write_json(args.json, asdict(report))
     return 0 if report.passed else 1
 
 

@@ -18,16 +18,12 @@ are printed next to them as a cross-check. Absolute numbers depend on the machin
 shares it with the server, so its CPU use and how far it fell behind its schedule are shown too.
 """
 
-import argparse
 import asyncio
 import json
 import math
 import os
 import random
-import shutil
-import subprocess
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,8 +32,9 @@ import numpy as np
 import numpy.typing as npt
 from websockets.asyncio.client import connect
 
+from bench import common
+from bench.common import percentile, speak
 from bench.serverproc import running_server, scrape
-from service.settings import DEFAULT_MODEL_DIR
 
 RATE = 22_050  # espeak-ng's native rate: the server resamples to the model's rate
 FRAME_SECONDS = 0.02
@@ -115,19 +112,6 @@ class Row:
     mismatches: list[str] = field(default_factory=list)
 
 
-def speak(text: str, rate: int = 160, voice: str = "en-us") -> npt.NDArray[np.float32]:
-    """espeak-ng speech as float32 at its native 22.05 kHz."""
-    if shutil.which("espeak-ng") is None:
-        raise SystemExit("espeak-ng is required: apt-get install -y espeak-ng")
-    wav = subprocess.run(
-        ["espeak-ng", "-v", voice, "-s", str(rate), "--stdout", text],
-        check=True,
-        capture_output=True,
-    ).stdout
-    # espeak-ng's streamed header has no length; the PCM follows the 44-byte header.
-    return np.frombuffer(wav[44:], dtype="<i2").astype(np.float32) / np.float32(32768.0)
-
-
 def build_sessions(count: int, seconds: float) -> list[SessionAudio]:
     """Each session: the phrases, rotated by the session's index, each then a pause, repeated
     until `seconds` of audio. Speech is synthesised once."""
@@ -151,10 +135,6 @@ def build_sessions(count: int, seconds: float) -> list[SessionAudio]:
             at += len(voice) + len(silence)
         sessions.append(SessionAudio(np.concatenate(parts), bounds, texts))
     return sessions
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    return float(np.percentile(values, q)) if values else float("nan")
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -413,18 +393,11 @@ def verdict(row: Row) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.stream",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR)
+    parser = common.parser("bench.stream", __doc__)
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 4, 8, 16])
     parser.add_argument(
         "--seconds-per-session", type=float, default=10.0, help="phrases are added until this"
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
     if min(args.sessions) < 1 or args.seconds_per_session <= 0:
         parser.error("--sessions must be positive and --seconds-per-session above zero")

@@ -12,8 +12,6 @@ Ratios are what to read: absolute times on a shared machine mean little.
 
 import argparse
 import asyncio
-import io
-import json
 import os
 import tempfile
 import time
@@ -24,8 +22,9 @@ import httpx
 import numpy as np
 import soundfile as sf
 
+from bench import common
+from bench.common import percentile, wav_bytes
 from bench.serverproc import proc_status_kb, running_server, scrape
-from service.settings import DEFAULT_MODEL_DIR
 
 RATE = 16_000
 
@@ -58,16 +57,6 @@ def make_clips(model_dir: Path, count: int, low: float, high: float, seed: int) 
         clip = np.resize(pool[start:], n) if len(pool) - start < n else pool[start : start + n]
         clips.append(np.ascontiguousarray(clip, dtype=np.float32))
     return clips
-
-
-def wav_bytes(audio: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    sf.write(buf, audio, RATE, format="WAV", subtype="PCM_16")
-    return buf.getvalue()
-
-
-def percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q)) if values else float("nan")
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -119,7 +108,7 @@ def run_service(
     }
     with running_server(model_dir, env) as server:
         url = server.url
-        bodies = [wav_bytes(c) for c in clips]
+        bodies = [wav_bytes(c, RATE) for c in clips]
         asyncio.run(_drive(url, bodies[: args.concurrency], args.concurrency))  # warm-up
         before = stage_seconds(url)
         started = time.perf_counter()
@@ -223,12 +212,7 @@ def build_base_size(out_dir: Path, tokens: int) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.throughput",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR)
+    parser = common.parser("bench.throughput", __doc__)
     parser.add_argument("--base-size", action="store_true", help="random base-size model instead")
     parser.add_argument("--tokens", type=int, default=20, help="base-size: tokens per request")
     parser.add_argument("--requests", type=int, default=64)
@@ -238,11 +222,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--max-batch-audio-seconds", type=float, default=240.0)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--cpu-workers", type=int, default=0, help="(a): STT_CPU_WORKERS (0: the default)"
     )
-    parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -292,8 +274,7 @@ def main(argv: list[str] | None = None) -> None:
         f"\n(a)/(c) throughput: {a.audio_per_s / c.audio_per_s:.2f}x   "
         f"(a)/(b) throughput: {a.audio_per_s / b.audio_per_s:.2f}x"
     )
-    if args.json:
-        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    common.write_json(args.json, [asdict(r) for r in rows])
 
 
 if __name__ == "__main__":

@@ -23,6 +23,28 @@ class ServiceError(Exception):
         return {}
 
 
+def error_object(exc: ServiceError, request_id: str | None = None) -> dict[str, object]:
+    """The OpenAI error object for `exc`: `{"message", "type", "param", "code"}`, plus the
+    request's id when known. Every error the service sends, in any transport, is this object."""
+    error: dict[str, object] = {
+        "message": exc.message,
+        "type": exc.type,
+        "param": exc.param,
+        "code": exc.code,
+    }
+    if request_id is not None:
+        error["request_id"] = request_id
+    return error
+
+
+def error_event(
+    exc: ServiceError, request_id: str | None = None, **extra: object
+) -> dict[str, object]:
+    """A streamed error (SSE event, websocket message): `{"type": "error", ..., "error": {...}}`
+    with `extra` fields (e.g. the utterance it concerns) beside the error object."""
+    return {"type": "error", **extra, "error": error_object(exc, request_id)}
+
+
 class InvalidRequest(ServiceError):
     """A request field is missing or out of range."""
 
@@ -69,6 +91,17 @@ class Unsupported(ServiceError):
     status = 400
     type = "invalid_request_error"
     code = "unsupported"
+
+
+class Unauthorized(ServiceError):
+    """No API key, or a wrong one, where keys are required."""
+
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
 
 
 class Overloaded(ServiceError):

@@ -2,9 +2,9 @@
 
 import io
 import os
+import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -103,21 +103,25 @@ def speech_wav() -> bytes:
 
 
 class ServiceProcess:
-    """`python -m service` (the README's serve command) as a child process on a free port."""
+    """`python -m service` (the README's serve command) as a child process. The server binds a
+    free port itself (`--port 0`) and the port is read from its log: no race for the port."""
 
-    def __init__(self, **env: str) -> None:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = int(sock.getsockname()[1])
-        full_env = {**os.environ, "STT_HOST": "127.0.0.1", "STT_PORT": str(self.port), **env}
+    def __init__(self, *args: str, **env: str) -> None:
+        full_env = {**os.environ, **env}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service"], env=full_env, stderr=subprocess.PIPE, text=True
+            [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", "0", *args],
+            env=full_env,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         self.log: list[str] = []
+        self.port = 0
         assert self.proc.stderr is not None
         for line in self.proc.stderr:  # uvicorn says this once load + warm-up are done
             self.log.append(line)
-            if "Application startup complete" in line:
+            found = re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", line)
+            if found:
+                self.port = int(found.group(1))
                 break
         else:
             raise RuntimeError("service exited during start-up:\n" + "".join(self.log))

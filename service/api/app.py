@@ -15,8 +15,9 @@ from service.api.auth import ApiKeyAuth
 from service.api.gate import DecodeGate, EarlyAdmission
 from service.api.limits import BodySizeLimit
 from service.api.observe import RequestObserver
-from service.api.routes import health, metrics, models, stream, transcriptions
+from service.api.routes import health, metrics, models, page, stream, transcriptions
 from service.engine.engine import Engine
+from service.errors import StartupError
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -41,6 +42,26 @@ def _document_errors_as_served(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+class StartupAborted(RuntimeError):
+    """The app could not start; the reason has been logged in one line (`startup_problem`)."""
+
+
+def startup_problem(exc: BaseException, settings: Settings) -> str:
+    """One line for a person: what failed, why, and what to do about it."""
+    if isinstance(exc, StartupError):  # its message already names the missing piece and the fix
+        return str(exc)
+    if isinstance(exc, MemoryError):
+        return (
+            f"loading {settings.model_dir} ran out of memory; fewer workers (--cpu-workers 1) "
+            "or a smaller model"
+        )
+    return (
+        f"loading {settings.model_dir} failed with {type(exc).__name__}: {exc}; check that the "
+        "folder holds a complete checkpoint (--model-dir / STT_MODEL_DIR); run with "
+        "--log-level debug for the traceback"
+    )
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app. The model loads in the lifespan; `/ready` is 503 until it has warmed up."""
     settings = settings or Settings()
@@ -49,7 +70,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app_metrics.bind_loop(asyncio.get_running_loop())
-        engine = await asyncio.to_thread(Engine.load, settings, app_metrics)
+        try:
+            engine = await asyncio.to_thread(Engine.load, settings, app_metrics)
+        except Exception as exc:
+            log.critical("cannot start: %s", startup_problem(exc, settings))
+            log.debug("start-up failed", exc_info=True)
+            raise StartupAborted(str(exc)) from exc
         engine.start()
         app.state.engine = engine
         log.info(
@@ -97,5 +123,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models.router)
     app.include_router(transcriptions.router)
     app.include_router(stream.router)
+    app.include_router(page.router)  # GET /: the browser page (service/api/static)
     _document_errors_as_served(app)
     return app

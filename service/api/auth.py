@@ -4,20 +4,22 @@ Clients send the key as the OpenAI clients do, `Authorization: Bearer <key>`, or
 `X-API-Key: <key>`; websockets may also pass `?api_key=<key>` (browsers cannot set headers on a
 websocket). Keys are compared as SHA-256 digests with `hmac.compare_digest` against every
 configured key, so the time taken says nothing about how much of a key matched or which one.
-The probes (`/health`, `/ready`) are always open; `/metrics` is open only if configured so.
+The probes (`/health`, `/ready`) and the browser page's static files (`/`, `/static/...`: a
+browser cannot send a key when it navigates; the page asks for one) are always open; `/metrics`
+is open only if configured so.
 """
 
 import hashlib
 import hmac
-import json
 from urllib.parse import parse_qs
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.api.errors import error_body
-from service.api.observe import facts
+from service.api.errors import send_error
+from service.errors import Unauthorized
 
-ALWAYS_OPEN = frozenset({"/health", "/ready"})
+ALWAYS_OPEN = frozenset({"/health", "/ready", "/"})
+OPEN_PREFIX = "/static/"  # the page's scripts, style sheet and icon
 
 
 def _digest(key: str) -> bytes:
@@ -37,6 +39,7 @@ class ApiKeyAuth:
             scope["type"] not in ("http", "websocket")
             or not self.digests
             or scope.get("path") in self.open_paths
+            or str(scope.get("path", "")).startswith(OPEN_PREFIX)
         ):
             await self.app(scope, receive, send)
             return
@@ -73,23 +76,4 @@ class ApiKeyAuth:
         return matched
 
     async def _refuse(self, scope: Scope, send: Send, message: str) -> None:
-        record = facts(scope)
-        record.error_code = "invalid_api_key"
-        body = json.dumps(
-            error_body(message, "invalid_request_error", "invalid_api_key", None, record.request_id)
-        ).encode()
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"www-authenticate", b"Bearer"),
-        ]
-        if scope["type"] == "http":
-            await send({"type": "http.response.start", "status": 401, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
-        elif "websocket.http.response" in scope.get("extensions", {}):
-            # refuse the handshake itself with a 401, before any accept
-            start = {"type": "websocket.http.response.start", "status": 401, "headers": headers}
-            await send(start)
-            await send({"type": "websocket.http.response.body", "body": body})
-        else:  # a server without the denial-response extension: the handshake fails (403)
-            await send({"type": "websocket.close", "code": 1008, "reason": message})
+        await send_error(scope, send, Unauthorized(message))

@@ -3,48 +3,73 @@
 The error object also carries the request's id (`request_id`), as the `X-Request-ID` header does.
 """
 
+import json
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.types import Scope, Send
 
 from service.api.observe import facts
-from service.errors import ServiceError
+from service.errors import InvalidRequest, ServiceError, error_object
 
 
-def error_body(
-    message: str,
-    type_: str,
-    code: str | None,
-    param: str | None = None,
-    request_id: str | None = None,
-) -> dict[str, object]:
-    error = {"message": message, "type": type_, "param": param, "code": code}
-    if request_id is not None:
-        error["request_id"] = request_id
-    return {"error": error}
+async def send_error(
+    scope: Scope, send: Send, exc: ServiceError, extra_headers: dict[str, str] | None = None
+) -> None:
+    """Answer `exc` from raw ASGI middleware (before any route runs), in the one error shape.
+
+    For a websocket it refuses the handshake with the HTTP status (the denial-response
+    extension), or, on a server without that extension, closes with 1008.
+    """
+    record = facts(scope)
+    record.error_code = exc.code
+    body = json.dumps({"error": error_object(exc, record.request_id)}).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *(
+            (name.lower().encode(), value.encode())
+            for name, value in {**exc.headers(), **(extra_headers or {})}.items()
+        ),
+    ]
+    if scope["type"] == "http":
+        await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+    elif "websocket.http.response" in scope.get("extensions", {}):
+        start = {"type": "websocket.http.response.start", "status": exc.status, "headers": headers}
+        await send(start)
+        await send({"type": "websocket.http.response.body", "body": body})
+    else:
+        await send({"type": "websocket.close", "code": 1008, "reason": exc.message[:120]})
+
+
+class _HttpError(ServiceError):
+    """A status from the framework itself (404, 405, the body parser's 400), as a domain error."""
+
+    def __init__(self, exc: HTTPException) -> None:
+        # 400 here is the request body parser refusing it (a multipart body with no boundary, a
+        # form field over the parser's size cap): a malformed field, as the README documents it.
+        codes = {400: "invalid_value", 404: "not_found", 405: "method_not_allowed"}
+        super().__init__(str(exc.detail), code=codes.get(exc.status_code, "http_error"))
+        self.status = exc.status_code
+        self.type = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        self._headers = dict(getattr(exc, "headers", None) or {})
+
+    def headers(self) -> dict[str, str]:
+        return self._headers
 
 
 def error_response(exc: ServiceError, request: Request | None = None) -> JSONResponse:
-    return _respond(request, exc.message, exc.type, exc.code, exc.param, exc.status, exc.headers())
-
-
-def _respond(
-    request: Request | None,
-    message: str,
-    type_: str,
-    code: str | None,
-    param: str | None,
-    status: int,
-    headers: dict[str, str] | None = None,
-) -> JSONResponse:
+    """The one renderer of an error as an HTTP answer (routes and exception handlers)."""
     request_id = None
     if request is not None:
         record = facts(request.scope)
-        record.error_code = code
+        record.error_code = exc.code
         request_id = record.request_id
     return JSONResponse(
-        error_body(message, type_, code, param, request_id), status_code=status, headers=headers
+        {"error": error_object(exc, request_id)}, status_code=exc.status, headers=exc.headers()
     )
 
 
@@ -61,19 +86,12 @@ def install(app: FastAPI) -> None:
         loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "query")]
         param = ".".join(loc) or None
         message = f"{param}: {first['msg']}" if param else str(first["msg"])
-        return _respond(request, message, "invalid_request_error", "invalid_value", param, 400)
+        return error_response(InvalidRequest(message, param=param), request)
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        # 400 here is the request body parser refusing it (a multipart body with no boundary, a
-        # form field over the parser's size cap): a malformed field, as the README documents it.
-        codes = {400: "invalid_value", 404: "not_found", 405: "method_not_allowed"}
-        code = codes.get(exc.status_code, "http_error")
-        headers = getattr(exc, "headers", None)
-        return _respond(request, str(exc.detail), type_, code, None, exc.status_code, headers)
+        return error_response(_HttpError(exc), request)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        message = f"internal error: {type(exc).__name__}"
-        return _respond(request, message, "server_error", "internal_error", None, 500)
+        return error_response(ServiceError(f"internal error: {type(exc).__name__}"), request)

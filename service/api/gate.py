@@ -8,13 +8,11 @@ refuse it, and slows the workers so that accepted requests miss their deadlines.
 
 import asyncio
 import contextlib
-import json
 from collections.abc import AsyncIterator
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.api.errors import error_body
-from service.api.observe import facts
+from service.api.errors import send_error
 from service.errors import Overloaded, ServiceError
 
 
@@ -79,15 +77,4 @@ async def _refuse(scope: Scope, receive: Receive, send: Send, exc: ServiceError)
         seen += len(message.get("body", b""))
         if message["type"] != "http.request" or not message.get("more_body") or seen > limit:
             break
-    record = facts(scope)
-    record.error_code = exc.code
-    body = json.dumps(
-        error_body(exc.message, exc.type, exc.code, exc.param, record.request_id)
-    ).encode()
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        *((k.lower().encode(), v.encode()) for k, v in exc.headers().items()),
-    ]
-    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    await send_error(scope, send, exc)

@@ -1,12 +1,11 @@
 """Upload size limit enforced while the body streams in, before it is all buffered."""
 
 import contextlib
-import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.errors import error_body
-from service.api.observe import facts
+from service.api.errors import send_error
+from service.errors import PayloadTooLarge
 
 
 class _TooLarge(Exception):
@@ -65,26 +64,5 @@ class BodySizeLimit:
             await self._reject(scope, send)
 
     async def _reject(self, scope: Scope, send: Send) -> None:
-        record = facts(scope)
-        record.error_code = "too_large"
-        body = json.dumps(
-            error_body(
-                f"upload exceeds the limit of {self.max_bytes} bytes",
-                "invalid_request_error",
-                "too_large",
-                "file",
-                record.request_id,
-            )
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        exc = PayloadTooLarge(f"upload exceeds the limit of {self.max_bytes} bytes", param="file")
+        await send_error(scope, send, exc, {"Connection": "close"})

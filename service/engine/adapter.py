@@ -265,19 +265,27 @@ class ModelAdapter:
         rng = np.random.default_rng(0)
         encoder = self.model.get_encoder()
 
+        failure: list[BaseException] = []
+
         def runs(length: int) -> bool:
             audio = rng.normal(0, 1e-3, length).astype(np.float32)
             try:
                 feats = self.features([audio])
                 feats.pop("attention_mask", None)
                 encoder(**feats)
-            except (RuntimeError, ValueError, IndexError):
+            except (RuntimeError, ValueError, IndexError) as exc:
+                failure[:] = [exc]
                 return False
             return True
 
         low, high = 0, self.info.sampling_rate  # low fails (or is empty), high must work
         if not runs(high):
-            raise StartupError(f"the encoder of {self.model_dir} fails on one second of audio")
+            cause = failure[0] if failure else None
+            raise StartupError(
+                f"{self.model_dir} cannot encode one second of audio "
+                f"({type(cause).__name__}: {cause}); check that its preprocessor_config.json "
+                "matches its encoder"
+            ) from cause
         while high - low > 1:
             middle = (low + high) // 2
             low, high = (low, middle) if runs(middle) else (middle, high)

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.engine.engine import Engine
 from service.engine.types import GenerationParams, Transcript
-from service.errors import Overloaded, ServiceError
+from service.errors import Overloaded, ServiceError, error_event
 from service.metrics import Metrics
 from service.streaming.agreement import LocalAgreement
 from service.streaming.endpoint import Endpointer, Utterance
@@ -73,8 +73,10 @@ class StreamSession:
         params: GenerationParams,
         send: Send,
         metrics: Metrics,
+        request_id: str | None = None,
     ) -> None:
         self.engine = engine
+        self.request_id = request_id  # carried by every error event of the session
         self.config = config
         self.params = params
         self.send = send
@@ -202,13 +204,7 @@ class StreamSession:
         try:
             result = await self._transcribe_final(utterance)
         except ServiceError as exc:
-            await self.send(
-                {
-                    "type": "error",
-                    "utterance": index,
-                    "error": {"message": exc.message, "type": exc.type, "code": exc.code},
-                }
-            )
+            await self.send(error_event(exc, self.request_id, utterance=index))
             return
         await self.send(
             {

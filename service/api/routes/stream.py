@@ -19,7 +19,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 from service.api.observe import facts
 from service.engine.engine import Engine
 from service.engine.types import GenerationParams
-from service.errors import ServiceError
+from service.errors import InvalidRequest, ServiceError, error_event
 from service.metrics import Metrics
 from service.settings import Settings
 from service.streaming.pcm import BadFrame
@@ -43,19 +43,19 @@ class _Close(Exception):
         self.flush = flush
 
 
-def _error(code: str, message: str) -> dict[str, object]:
-    return {
-        "type": "error",
-        "error": {"message": message, "type": "invalid_request_error", "code": code},
-    }
-
-
 class _Connection:
     """One websocket: sends serialised (the session sends from its own task)."""
 
-    def __init__(self, websocket: WebSocket) -> None:
+    def __init__(self, websocket: WebSocket, request_id: str) -> None:
         self.websocket = websocket
+        self.request_id = request_id
         self.lock = asyncio.Lock()
+
+    async def error(self, code: str, message: str, param: str | None = None) -> None:
+        """An `error` event for a bad client message; the session goes on."""
+        await self.send(
+            error_event(InvalidRequest(message, code=code, param=param), self.request_id)
+        )
 
     async def send(self, event: dict[str, object]) -> None:
         async with self.lock:
@@ -109,8 +109,8 @@ async def stream(websocket: WebSocket) -> None:
     settings: Settings = app.state.settings
     metrics: Metrics = app.state.metrics
     engine: Engine | None = app.state.engine
-    connection = _Connection(websocket)
     request_id = facts(websocket.scope).request_id
+    connection = _Connection(websocket, request_id)
     await websocket.accept(headers=[(b"x-request-id", request_id.encode())])
     if engine is None or not engine.ready:
         metrics.rejections.labels(reason="unavailable").inc()
@@ -161,15 +161,17 @@ async def _configure(
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        await connection.send(_error("invalid_config", f"{where}: {first['msg']}"))
+        await connection.error("invalid_config", f"{where}: {first['msg']}", param=where)
         return None
     except ValueError as exc:
-        await connection.send(_error("invalid_config", str(exc)))
+        await connection.error("invalid_config", str(exc))
         return None
     except ServiceError as exc:  # e.g. Unsupported: this model cannot translate
-        await connection.send(_error("invalid_config", exc.message))
+        await connection.error("invalid_config", exc.message, param=exc.param)
         return None
-    session = StreamSession(engine, config, params, connection.send, metrics)
+    session = StreamSession(
+        engine, config, params, connection.send, metrics, request_id=connection.request_id
+    )
     effective = config.model_dump()
     effective["model"] = config.model or settings.served_name
     await connection.send(
@@ -213,15 +215,13 @@ async def _serve(
                 if len(data) > settings.max_frame_bytes:
                     raise _Close(TOO_BIG, f"frame over the {settings.max_frame_bytes}-byte limit")
                 if session is None:
-                    await connection.send(
-                        _error("config_required", "send a config message before audio")
-                    )
+                    await connection.error("config_required", "send a config message before audio")
                     continue
                 try:
                     await session.feed(data)
                     audio_started = True
                 except BadFrame as exc:
-                    await connection.send(_error("bad_frame", str(exc)))
+                    await connection.error("bad_frame", str(exc))
                 continue
             text = message.get("text") or ""
             if len(text) > settings.max_frame_bytes:
@@ -231,7 +231,7 @@ async def _serve(
             except ValueError:
                 event = None
             if not isinstance(event, dict):
-                await connection.send(_error("invalid_json", "messages must be JSON objects"))
+                await connection.error("invalid_json", "messages must be JSON objects")
                 continue
             kind = event.get("type")
             if kind == "end":
@@ -242,8 +242,8 @@ async def _serve(
                 return "end"
             if kind == "config":
                 if audio_started:
-                    await connection.send(
-                        _error("already_configured", "config must come before any audio")
+                    await connection.error(
+                        "already_configured", "config must come before any audio"
                     )
                     continue
                 fresh = await _configure(event, engine, settings, metrics, connection)
@@ -252,8 +252,8 @@ async def _serve(
                         await session.abort()
                     session = fresh
                 continue
-            await connection.send(
-                _error("unknown_event", f"unknown event type {kind!r}: use config or end")
+            await connection.error(
+                "unknown_event", f"unknown event type {kind!r}: use config or end"
             )
     except _Close as close:
         if session is not None:
@@ -263,7 +263,7 @@ async def _serve(
             await session.abort()
         with contextlib.suppress(Exception):
             code = {POLICY: "policy", TOO_BIG: "too_large"}.get(close.code, "closed")
-            await connection.send(_error(code, close.reason))
+            await connection.error(code, close.reason)
         await connection.close(close.code, close.reason)
         return {TOO_BIG: "frame_too_large"}.get(close.code, "timeout")
     except WebSocketDisconnect:

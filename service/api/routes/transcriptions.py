@@ -30,6 +30,7 @@ from service.errors import (
     PayloadTooLarge,
     ServiceError,
     UnsupportedMediaType,
+    error_event,
 )
 from service.settings import Settings
 from service.streaming.detok import IncrementalDetokenizer
@@ -234,8 +235,7 @@ def _sse(event: dict[str, object]) -> str:
 
 def _error_event(exc: ServiceError, record: RequestFacts) -> str:
     record.error_code = exc.code
-    error = {"message": exc.message, "type": exc.type, "param": None, "code": exc.code}
-    return _sse({"type": "error", "error": {**error, "request_id": record.request_id}})
+    return _sse(error_event(exc, record.request_id))
 
 
 async def _segment_events(

@@ -1,0 +1,99 @@
+"""Short runs of the benchmark scripts (`bench/`): each starts real servers, prints its table of
+ratios and writes its figures; the tests parse both. Full-size runs are the scripts' defaults
+(see the README). The soak and overload scripts have their own short runs in
+`tests/reliability/test_soak.py`."""
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def run(module: str, *args: str, out: Path) -> tuple[str, Any]:
+    done = subprocess.run(
+        [sys.executable, "-m", module, *args, "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout, json.loads(out.read_text())
+
+
+def table_rows(stdout: str, first_cell: str) -> list[list[str]]:
+    """The markdown table rows whose first cell starts with `first_cell`."""
+    rows = []
+    for line in stdout.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0].startswith(first_cell):
+            rows.append(cells)
+    return rows
+
+
+def test_throughput_prints_three_modes_and_their_ratios(tmp_path: Path) -> None:
+    stdout, rows = run(
+        "bench.throughput",
+        *("--requests", "8", "--concurrency", "4", "--min-seconds", "1", "--max-seconds", "2"),
+        out=tmp_path / "t.json",
+    )
+    assert [r["mode"] for r in rows] == [
+        "(a) service, batching",
+        "(b) service, one at a time",
+        "(c) offline generate",
+    ]
+    printed = table_rows(stdout, "(")[:3]
+    for row, cells in zip(rows, printed, strict=True):
+        assert cells[0] == row["mode"]
+        assert float(cells[1]) == pytest.approx(row["audio_per_s"], abs=0.051)
+        assert row["audio_per_s"] > 0
+    assert rows[1]["mean_batch"] == 1.0  # (b) really is one at a time
+    assert rows[0]["stages"]["encoder"] > 0  # the stage breakdown came from /metrics
+    ratios = re.search(
+        r"\(a\)/\(c\) throughput: ([\d.]+)x\s+\(a\)/\(b\) throughput: ([\d.]+)x", stdout
+    )
+    assert ratios is not None, stdout
+    a, b, c = (r["audio_per_s"] for r in rows)
+    assert float(ratios.group(1)) == pytest.approx(a / c, abs=0.006)
+    assert float(ratios.group(2)) == pytest.approx(a / b, abs=0.006)
+
+
+def test_stream_reports_latencies_and_exact_finals(tmp_path: Path) -> None:
+    stdout, rows = run(
+        "bench.stream", "--sessions", "1", "--seconds-per-session", "4", out=tmp_path / "s.json"
+    )
+    (row,) = rows
+    assert row["sessions"] == 1
+    assert row["finals"] == row["phrases"] >= 2
+    assert row["exact_finals"] == row["finals"]  # the bundled model's finals are word-exact
+    assert row["errors"] == 0
+    assert row["uncovered_frames"] == 0
+    assert 0 < row["final_p50"] <= row["final_p95"]
+    assert math.isfinite(row["partial_p95"])
+    (cells,) = table_rows(stdout, "1")
+    assert float(cells[3]) == pytest.approx(row["final_p50"], abs=0.0006)
+    assert cells[6] == f"{row['sessions_ok']}/{row['sessions']}"
+
+
+def test_long_audio_segments_match_the_utterances(tmp_path: Path) -> None:
+    stdout, report = run(
+        "bench.long_audio",
+        *("--minutes", "0.5", "--concurrency", "2", "--repeats", "1"),
+        out=tmp_path / "l.json",
+    )
+    count = report["utterances"]
+    assert count >= 8
+    assert report["segments_timed_within_tolerance"] == count
+    assert report["texts_agreeing"] == count
+    assert report["repeats_identical"]
+    assert [r["count"] for r in report["rows"]] == [count, count]
+    ratio = re.search(r"\(a\)/\(b\) throughput \(audio s/s\): ([\d.]+)x", stdout)
+    assert ratio is not None, stdout
+    a, b = (r["audio_per_s"] for r in report["rows"])
+    assert float(ratio.group(1)) == pytest.approx(a / b, abs=0.006)
