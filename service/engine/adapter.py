@@ -388,7 +388,7 @@ class ModelAdapter:
             rate = self.info.sampling_rate
             audios = [np.pad(a, (0, bucket_samples(len(a), rate) - len(a))) for a in audios]
         # Whisper's extractor pads (and would silently cut) every input to its 30 s window:
-        # its own padding, not the longest input's (`validate_audio` refuses longer windows)
+        # its own padding, not the longest input's (`Engine.submit` refuses longer audio)
         padding: dict[str, Any] = {} if self.whisper is not None else {"padding": True}
         feats = self.feature_extractor(
             list(audios),
