@@ -676,6 +676,8 @@ def build_whisper(kind: str, out_dir: Path, seed: int) -> Path:
     model = whisper_model(tokenizer)
     model.generation_config = whisper_generation_config(tokenizer, multilingual)
     discourage(model, whisper_quiet_ids(tokenizer))
+    with torch.no_grad():  # louder encoder states: the random decoder's text follows the audio
+        model.model.encoder.layer_norm.weight.mul_(30.0)
     model.eval()
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
