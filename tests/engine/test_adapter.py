@@ -35,14 +35,16 @@ def test_loads_and_describes_each_kind(checkpoints: dict[str, Path], kind: str) 
     assert row.text == adapter.tokenizer.decode(row.tokens, skip_special_tokens=True).strip()
 
 
-@pytest.mark.parametrize("kind", ["wav2vec2-bert", "hubert-gpt2", "speech2text", "whisper"])
+@pytest.mark.parametrize(
+    "kind", ["wav2vec2-bert", "hubert-gpt2", "speech2text", "whisper", "whisper-en"]
+)
 def test_encoder_runs_once_and_decoder_uses_the_kv_cache(
     checkpoints: dict[str, Path], kind: str
 ) -> None:
     adapter = ModelAdapter(checkpoints[kind], "tiny")
     model = adapter.model
     encoder = model.get_encoder()
-    own_decoder = kind == "speech2text" or kind == "whisper"
+    own_decoder = kind == "speech2text" or kind.startswith("whisper")
     decoder = model.get_decoder() if own_decoder else model.decoder
     encoder_calls = []
     decoder_lengths = []
@@ -62,6 +64,8 @@ def test_encoder_runs_once_and_decoder_uses_the_kv_cache(
         # prompt <|startoftranscript|><|lang|><|transcribe|><|notimestamps|>
         assert decoder_lengths[:2] == [1, 4]
         decoder_lengths.pop(0)
+    elif kind == "whisper-en":  # no language or task: <|startoftranscript|><|notimestamps|>
+        assert decoder_lengths[0] == 2
     else:
         assert decoder_lengths[0] == 1  # the start token
     assert set(decoder_lengths[1:]) == {1}  # each later step feeds one token: cached keys/values
