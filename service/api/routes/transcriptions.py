@@ -20,7 +20,6 @@ from service.api.schemas import (
     TranscriptionVerbose,
 )
 from service.audio import decode_audio
-from service.audio.windows import plan_windows
 from service.engine.engine import ClientGone, Engine
 from service.engine.types import GenerationParams, Job, Task, Transcript
 from service.errors import (
@@ -34,6 +33,7 @@ from service.errors import (
 )
 from service.settings import Settings
 from service.streaming.detok import IncrementalDetokenizer
+from service.streaming.vad import plan_speech_windows
 
 router = APIRouter(tags=["audio"], responses=ERROR_RESPONSES)
 
@@ -171,7 +171,9 @@ async def _handle(
     temperature = params.temperature if params.do_sample else 0.0
     max_window = min(settings.max_window_seconds, engine.info.max_input_seconds or math.inf)
     if duration > max_window:
-        windows = plan_windows(audio, rate, max_window=max_window)
+        windows = await asyncio.to_thread(
+            plan_speech_windows, audio, rate, max_window=max_window, vad=settings.long_audio_vad
+        )
         results = engine.transcribe_pieces(
             [audio[w.start : w.end] for w in windows],
             params,
