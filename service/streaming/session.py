@@ -70,6 +70,12 @@ class StreamConfig(BaseModel):
     )
 
 
+def utterance_seconds(config: StreamConfig, engine: Engine) -> float:
+    """The longest utterance of a session: an utterance is one model input, so no longer than
+    the model's window (Whisper: 30 s) whatever the config asks."""
+    return min(config.max_utterance_seconds, engine.info.max_input_seconds or math.inf)
+
+
 class StreamSession:
     """Turns one stream of audio frames into partial and final transcript events."""
 
@@ -97,10 +103,7 @@ class StreamSession:
         self.endpointer = endpointer or Endpointer(
             self.rate,
             silence_ms=config.silence_duration_ms,
-            # an utterance is one model input: no longer than the model's window (Whisper: 30 s)
-            max_utterance_seconds=min(
-                config.max_utterance_seconds, engine.info.max_input_seconds or math.inf
-            ),
+            max_utterance_seconds=utterance_seconds(config, engine),
             threshold_db=config.vad_threshold_db,
         )
         self.agreement = LocalAgreement()

@@ -162,7 +162,8 @@ def test_long_audio_is_cut_into_windows_of_at_most_30_s(multilingual) -> None:
     assert result.segments[-1].end > 69.0
 
 
-def test_websocket_utterances_are_capped_at_the_window(multilingual) -> None:
+@pytest.mark.parametrize("vad", ["energy", "silero"])
+def test_websocket_utterances_are_capped_at_the_window(multilingual, vad: str) -> None:
     """The session asks for 60 s utterances; Whisper's input is 30 s, so continuous sound is
     finalised in pieces of at most 30 s, each transcribed (no error events)."""
     server, _ = multilingual
@@ -172,7 +173,8 @@ def test_websocket_utterances_are_capped_at_the_window(multilingual) -> None:
 
     async def scenario() -> list[dict]:
         async with connect(url, max_size=None) as ws:
-            config = {"type": "config", "sample_rate": RATE, "partials": False}
+            config = {"type": "config", "sample_rate": RATE, "partials": False, "vad": vad}
+            config["silence_duration_ms"] = 3000  # no turn ends: only the length cuts
             await ws.send(json.dumps({**config, "max_utterance_seconds": 60}))
             for offset in range(0, len(pcm), 32_000):
                 await ws.send(pcm[offset : offset + 32_000])
