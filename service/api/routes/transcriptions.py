@@ -3,6 +3,7 @@
 import asyncio
 import contextlib
 import json
+import math
 import threading
 import time
 from collections.abc import AsyncIterable, AsyncIterator
@@ -281,9 +282,7 @@ async def _decode_and_transcribe(
     rate = engine.info.sampling_rate
     language = params.language or settings.language
     temperature = params.temperature if params.do_sample else 0.0
-    max_window = settings.max_window_seconds
-    if engine.info.architecture == "whisper":  # Whisper sees at most 30 s
-        max_window = min(max_window, 30.0)
+    max_window = min(settings.max_window_seconds, engine.info.max_input_seconds or math.inf)
     if duration > max_window:
         windows = await asyncio.to_thread(
             plan_speech_windows, audio, rate, max_window=max_window, vad=settings.long_audio_vad
@@ -315,6 +314,8 @@ async def _decode_and_transcribe(
             return Response(status_code=499)  # nobody reads it; ends the request cleanly
         pieces = [render.Piece(0.0, duration, result)]
     _record(record, [p.transcript for p in pieces])
+    # the language the model decoded in (Whisper: forced or detected), else the request's
+    language = next((p.transcript.language for p in pieces if p.transcript.language), language)
     response = _render(pieces, duration, task, language, temperature, response_format)
     # Where the time went, for clients and benchmarks (https://www.w3.org/TR/server-timing/).
     response.headers["Server-Timing"] = (
