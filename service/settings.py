@@ -17,8 +17,14 @@ class Settings(BaseSettings):
 
     # --- model ---
     model_dir: Path = Field(DEFAULT_MODEL_DIR, description="Checkpoint folder to serve.")
+    model: str | None = Field(
+        None,
+        max_length=512,
+        description="Checkpoint folder or hub id (org/name) found in the local Hugging Face "
+        "cache, never downloaded; overrides `model_dir`.",
+    )
     model_name: str | None = Field(
-        None, description="Name clients pass as `model` (default: the folder's name)."
+        None, description="Name clients pass as `model` (default: the folder's name or the id)."
     )
     model_aliases: list[str] = Field(
         default_factory=list, description="Other accepted `model` names, e.g. whisper-1."
@@ -217,7 +223,12 @@ class Settings(BaseSettings):
 
     @property
     def served_name(self) -> str:
-        return self.model_name or self.model_dir.name
+        if self.model_name:
+            return self.model_name
+        if self.model:  # a folder's name, or the hub id itself
+            path = Path(self.model).expanduser()
+            return path.name if path.is_dir() else self.model
+        return self.model_dir.name
 
     def devices(self, cuda_count: int, cores: int, parameters: int | None = None) -> list[str]:
         """The device of each worker: explicit list, or every CUDA device, or CPU workers.

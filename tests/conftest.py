@@ -20,7 +20,7 @@ from fastapi import FastAPI
 from service.api.app import create_app
 from service.api.transport import uvicorn_options
 from service.settings import Settings
-from tests.checkpoints import build_checkpoint
+from tests.checkpoints import KINDS, build_checkpoint
 
 
 class LiveServer:
@@ -63,14 +63,7 @@ class LiveServer:
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Every tiny test checkpoint kind, built once per test session."""
     root = tmp_path_factory.mktemp("checkpoints")
-    kinds = (
-        "wav2vec2-bert",
-        "hubert-gpt2",
-        "wav2vec2-bart",
-        "speech2text",
-        "wav2vec2-groupnorm-bert",
-    )
-    return {kind: build_checkpoint(kind, root / kind) for kind in kinds}
+    return {kind: build_checkpoint(kind, root / kind) for kind in KINDS}
 
 
 def settings_for(model_dir: Path, **overrides: object) -> Settings:

@@ -16,12 +16,19 @@ from transformers import (
     SpeechEncoderDecoderModel,
 )
 
-from tests.checkpoints import KINDS, MAX_NEW_TOKENS, build_checkpoint
+from tests.checkpoints import (
+    KINDS,
+    MAX_NEW_TOKENS,
+    WHISPER_KINDS,
+    WHISPER_MAX_NEW_TOKENS,
+    build_checkpoint,
+)
 
 SAMPLING_RATE = 16_000
 # Kinds whose encoder takes an attention mask and ignores padding exactly (Speech2Text's strided
 # conv front end lets padding leak into the last real frame; group norm takes no mask at all).
-PADDING_INVARIANT = ("wav2vec2-bert", "hubert-gpt2", "wav2vec2-bart")
+# Whisper pads every input to 30 s anyway.
+PADDING_INVARIANT = ("wav2vec2-bert", "hubert-gpt2", "wav2vec2-bart", *WHISPER_KINDS)
 
 
 def load(path: Path) -> tuple[Any, Any, Any]:
@@ -41,7 +48,10 @@ def clips(*seconds: float, seed: int = 0) -> list[np.ndarray]:
 
 
 def features(feature_extractor: Any, audio: list[np.ndarray]) -> dict[str, torch.Tensor]:
-    batch = feature_extractor(audio, sampling_rate=SAMPLING_RATE, padding=True, return_tensors="pt")
+    """Padded to the longest input, except Whisper's: its extractor pads to 30 s itself."""
+    whisper = type(feature_extractor).__name__ == "WhisperFeatureExtractor"
+    padding = {} if whisper else {"padding": True}
+    batch = feature_extractor(audio, sampling_rate=SAMPLING_RATE, return_tensors="pt", **padding)
     name = feature_extractor.model_input_names[0]
     inputs = {name: batch[name]}
     if "attention_mask" in batch:
@@ -50,13 +60,15 @@ def features(feature_extractor: Any, audio: list[np.ndarray]) -> dict[str, torch
 
 
 def generate(model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sequences with their decoder prompt (Whisper's plain output drops it)."""
     with torch.inference_mode():
-        return model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS)
+        out = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, return_dict_in_generate=True)
+    return out.sequences
 
 
 def generate_defaults(model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     with torch.inference_mode():
-        return model.generate(**inputs)
+        return model.generate(**inputs, return_dict_in_generate=True).sequences
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -91,8 +103,12 @@ def test_token_ids_agree(checkpoint: Path) -> None:
     assert generation.pad_token_id == tokenizer.pad_token_id
     assert generation.eos_token_id in (tokenizer.eos_token_id, tokenizer.sep_token_id)
     start = generation.decoder_start_token_id
-    assert start in (tokenizer.cls_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
-    assert generation.max_new_tokens == MAX_NEW_TOKENS
+    if kind_of(checkpoint) in WHISPER_KINDS:
+        assert start == tokenizer.convert_tokens_to_ids("<|startoftranscript|>")
+        assert generation.max_new_tokens == WHISPER_MAX_NEW_TOKENS
+    else:
+        assert start in (tokenizer.cls_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
+        assert generation.max_new_tokens == MAX_NEW_TOKENS
     assert model.get_output_embeddings().out_features == len(tokenizer)
 
 
@@ -105,7 +121,7 @@ def test_loads_and_generates(checkpoint: Path) -> None:
     assert out.shape[0] == 2
     assert (out[:, 0] == model.generation_config.decoder_start_token_id).all()
     # The EOS logit is suppressed: the random decoder writes real tokens up to the limit.
-    assert out.shape[1] == 1 + MAX_NEW_TOKENS
+    assert out.shape[1] == prompt_length(checkpoint) + MAX_NEW_TOKENS
     texts = tokenizer.batch_decode(out, skip_special_tokens=True)
     assert len(texts) == 2
     assert all(isinstance(text, str) and text.strip() for text in texts)
@@ -115,13 +131,53 @@ def test_generates_from_config_alone(checkpoint: Path) -> None:
     """No generate() arguments at all: max_new_tokens and the ids come from the folder."""
     model, feature_extractor, _ = load(checkpoint)
     out = generate_defaults(model, features(feature_extractor, clips(1.0)))
-    assert out.shape == (1, 1 + MAX_NEW_TOKENS)
+    limit = WHISPER_MAX_NEW_TOKENS if kind_of(checkpoint) in WHISPER_KINDS else MAX_NEW_TOKENS
+    assert out.shape == (1, prompt_length(checkpoint) + limit)
 
 
 def test_attention_mask_matches_the_kind(checkpoint: Path) -> None:
     _, feature_extractor, _ = load(checkpoint)
     inputs = features(feature_extractor, clips(1.0, 0.5))
-    assert ("attention_mask" in inputs) == ("groupnorm" not in checkpoint.name)
+    masked = "groupnorm" not in checkpoint.name and kind_of(checkpoint) not in WHISPER_KINDS
+    assert ("attention_mask" in inputs) == masked
+
+
+def prompt_length(checkpoint: Path) -> int:
+    """The decoder prompt `generate` returns with the output: the start token; Whisper's
+    <|startoftranscript|><|lang|><|notimestamps|> with no task given (the language detected),
+    <|startoftranscript|><|notimestamps|> English-only."""
+    return {"whisper": 3, "whisper-en": 2}.get(kind_of(checkpoint), 1)
+
+
+def kind_of(checkpoint: Path) -> str:
+    """The kind a fixture folder was built as (`tmp_path_factory.mktemp` numbers the names)."""
+    return checkpoint.name.rstrip("0123456789")
+
+
+@pytest.mark.parametrize("kind", WHISPER_KINDS)
+def test_whisper_tokenizer_is_the_real_one(kind: str, tmp_path: Path) -> None:
+    """OpenAI's vocabulary and special-token layout: ids as in openai/whisper-* checkpoints."""
+    tokenizer = AutoTokenizer.from_pretrained(build_checkpoint(kind, tmp_path / kind))
+    ids = tokenizer.convert_tokens_to_ids
+    if kind == "whisper":  # large-v3 layout: 100 languages
+        assert len(tokenizer) == 51_866
+        assert ids(["<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|yue|>"]) == [
+            50257, 50258, 50259, 50358,
+        ]  # fmt: skip
+        assert ids(["<|translate|>", "<|transcribe|>", "<|notimestamps|>"]) == [
+            50359, 50360, 50364,
+        ]  # fmt: skip
+        assert tokenizer.encode("Hello world", add_special_tokens=False) == [15947, 1002]
+    else:  # the .en models: GPT-2's 50,256 tokens, then the specials with 99 languages
+        assert len(tokenizer) == 51_864
+        assert ids(["<|endoftext|>", "<|startoftranscript|>", "<|notimestamps|>"]) == [
+            50256, 50257, 50362,
+        ]  # fmt: skip
+        assert tokenizer.encode("Hello world", add_special_tokens=False) == [15496, 995]
+    assert ids("<|0.00|>") == ids("<|notimestamps|>") + 1
+    assert ids("<|30.00|>") == len(tokenizer) - 1
+    text = "Grüße, naïve café — 東京 🙂"
+    assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text
 
 
 @pytest.mark.parametrize("kind", PADDING_INVARIANT)
@@ -144,4 +200,4 @@ def test_build_is_deterministic(kind: str, tmp_path: Path) -> None:
 
 def test_unknown_kind(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown checkpoint kind"):
-        build_checkpoint("whisper", tmp_path)
+        build_checkpoint("whisper-large", tmp_path)

@@ -21,6 +21,7 @@ from transformers import (
     AutoFeatureExtractor,
     AutoModelForSpeechSeq2Seq,
     AutoTokenizer,
+    GenerationConfig,
     LogitsProcessor,
     LogitsProcessorList,
     PreTrainedModel,
@@ -32,9 +33,11 @@ from transformers.generation.streamers import BaseStreamer
 from transformers.modeling_outputs import BaseModelOutput
 
 from service.audio.windows import FRAME_SECONDS, voiced_frames
-from service.engine import align
+from service.engine import align, checkpoint
 from service.engine.buckets import bucket_samples
+from service.engine.flax import load_flax
 from service.engine.types import GenerationParams, WordTiming
+from service.engine.whisper import WhisperSupport
 from service.errors import InvalidRequest, StartupError, Unsupported
 
 log = logging.getLogger(__name__)
@@ -56,6 +59,7 @@ class Decoded:
     tokens: list[int]
     logprobs: list[float]
     words: list[WordTiming] | None = None
+    language: str | None = None  # the language decoded in, where the model says (Whisper)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +75,7 @@ class ModelInfo:
     padding_invariant: bool  # does batching with padding leave a row's output unchanged?
     encode_separately: bool  # encoder per row, decoder batched: any lengths may share a batch
     can_translate: bool
+    max_input_seconds: float | None = None  # the longest window the encoder takes (Whisper: 30)
 
 
 class _Cancelled(StoppingCriteria):
@@ -112,10 +117,15 @@ class _RowStreamer(BaseStreamer):
     """
 
     def __init__(
-        self, sinks: Sequence[TokenSink | None], eos: set[int], scores: _LastLogprobs
+        self,
+        sinks: Sequence[TokenSink | None],
+        eos: set[int],
+        hidden: Callable[[int], bool],
+        scores: _LastLogprobs,
     ) -> None:
         self.sinks = sinks
         self.eos = eos
+        self.hidden = hidden  # tokens that are not text (Whisper's timestamps): not passed on
         self.scores = scores
         self.finished = [sink is None for sink in sinks]
 
@@ -130,8 +140,9 @@ class _RowStreamer(BaseStreamer):
             if token in self.eos:
                 self.finished[row] = True
                 continue
-            logprob = float(logprobs[row, token]) if logprobs is not None else 0.0
-            sink(int(token), round(logprob, 4))
+            if not self.hidden(token):
+                logprob = float(logprobs[row, token]) if logprobs is not None else 0.0
+                sink(int(token), round(logprob, 4))
 
     def end(self) -> None:
         self.finished = [True] * len(self.sinks)
@@ -186,6 +197,7 @@ class ModelAdapter:
                 "folder written by save_pretrained"
             )
         config = AutoConfig.from_pretrained(model_dir)
+        checkpoint.require_weights(model_dir)
         try:
             self.feature_extractor = AutoFeatureExtractor.from_pretrained(model_dir)
         except (OSError, ValueError) as exc:
@@ -206,18 +218,40 @@ class ModelAdapter:
             else AutoModelForSpeechSeq2Seq
         )
         try:
-            model: PreTrainedModel = model_cls.from_pretrained(model_dir, dtype=self.dtype)
+            model: PreTrainedModel = (
+                self._from_flax(model_dir, config)
+                if checkpoint.flax_only(model_dir)
+                else model_cls.from_pretrained(model_dir, dtype=self.dtype)
+            )
         except (OSError, ValueError, KeyError) as exc:
             raise StartupError(f"cannot load weights from {model_dir}: {exc}") from exc
         self.model = model.to(self.device).eval()  # type: ignore[arg-type]
         self._clock: dict[str, float] = {}
         self._time_encoder()
         self._check_generation_ids()
+        self.whisper = (
+            WhisperSupport(self.model, self.tokenizer, self.feature_extractor, str(model_dir))
+            if config.model_type == "whisper"
+            else None
+        )
         self.max_target_length = self._max_target_length(config)
         self.info = self._describe(name, config)
         log.info(
             "loaded %s (%s) on %s as %s", name, self.info.architecture, self.device, self.dtype
         )
+
+    def _from_flax(self, model_dir: Path, config: Any) -> PreTrainedModel:
+        """A transformers 4.x Flax checkpoint, converted at load time (no jax needed)."""
+        model: PreTrainedModel = (
+            SpeechEncoderDecoderModel(config=config)
+            if config.model_type == "speech-encoder-decoder"
+            else AutoModelForSpeechSeq2Seq.from_config(config)
+        )
+        load_flax(model, model_dir)
+        if (model_dir / "generation_config.json").is_file():
+            model.generation_config = GenerationConfig.from_pretrained(model_dir)
+        log.info("converted the Flax weights of %s to PyTorch", model_dir)
+        return model.to(self.dtype)  # type: ignore[arg-type]
 
     @staticmethod
     def _dtype(name: str, device: torch.device) -> torch.dtype:
@@ -347,7 +381,6 @@ class ModelAdapter:
         input_name = self.feature_extractor.model_input_names[0]
         invariant = self._padding_invariant(config)
         lang_codes = getattr(self.tokenizer, "lang_code_to_id", None) or {}
-        whisper = config.model_type == "whisper"
         return ModelInfo(
             name=name,
             architecture=arch,
@@ -360,13 +393,17 @@ class ModelAdapter:
             # change: encode each row alone, batch the decoder (see `_encode_separately`)
             encode_separately=config.model_type == "speech-encoder-decoder"
             and (self.device.type == "cpu" or not invariant),
-            can_translate=whisper or bool(lang_codes),
+            can_translate=self.whisper.can_translate if self.whisper else bool(lang_codes),
+            max_input_seconds=self.whisper.max_input_seconds if self.whisper else None,
         )
 
     # --- request-side checks (run before queueing) ---
 
     def validate(self, params: GenerationParams) -> None:
         """Reject what this model cannot do, before the request costs a queue slot."""
+        if self.whisper is not None:
+            self.whisper.validate(params)
+            return
         if params.task == "translate" and not self.info.can_translate:
             raise Unsupported(
                 f"model {self.info.name} ({self.info.architecture}) cannot translate: its "
@@ -375,7 +412,11 @@ class ModelAdapter:
             )
         codes = getattr(self.tokenizer, "lang_code_to_id", None)
         if params.language and codes and self._language_code(params.language) is None:
-            raise InvalidRequest(f"unknown language {params.language!r}", param="language")
+            known = ", ".join(sorted({code.split("_")[0] for code in codes}))
+            raise InvalidRequest(
+                f"unknown language {params.language!r}; this model knows {known}",
+                param="language",
+            )
 
     def _language_code(self, language: str) -> str | None:
         codes: dict[str, int] = getattr(self.tokenizer, "lang_code_to_id", None) or {}
@@ -399,12 +440,15 @@ class ModelAdapter:
         if not self.info.padding_invariant:  # same padded input alone or in any batch
             rate = self.info.sampling_rate
             audios = [np.pad(a, (0, bucket_samples(len(a), rate) - len(a))) for a in audios]
+        # Whisper's extractor pads (and would silently cut) every input to its 30 s window:
+        # its own padding, not the longest input's (`Engine.submit` refuses longer audio)
+        padding: dict[str, Any] = {} if self.whisper is not None else {"padding": True}
         feats = self.feature_extractor(
             list(audios),
             sampling_rate=self.info.sampling_rate,
-            padding=True,
             return_attention_mask=masks,
             return_tensors="pt",
+            **padding,
         )
         out = {self.info.input_name: feats[self.info.input_name].to(self.device, self.dtype)}
         if masks and "attention_mask" in feats:
@@ -426,13 +470,11 @@ class ModelAdapter:
             kwargs["temperature"] = params.temperature
             kwargs["top_k"] = params.top_k if params.top_k is not None else 0
             kwargs["top_p"] = params.top_p if params.top_p is not None else 1.0
-        if self.model.config.model_type == "whisper":
-            kwargs["task"] = params.task
-            if params.language:
-                kwargs["language"] = params.language
-            if params.prompt:
-                prompt_ids = self.tokenizer.get_prompt_ids(params.prompt, return_tensors="pt")
-                kwargs["prompt_ids"] = prompt_ids.to(self.device)
+        if self.whisper is not None:
+            extra = self.whisper.generate_kwargs(params, self.device)
+            room = extra.pop("max_new_tokens")  # what the prompt leaves of the positions
+            kwargs["max_new_tokens"] = max(1, min(params.max_new_tokens, room))
+            kwargs.update(extra)
         elif params.language or params.task == "translate":
             code = self._language_code(params.language or "en")
             if code is not None:
@@ -466,13 +508,18 @@ class ModelAdapter:
             inputs = self._encode_separately(audios, sinks, grow)
         else:
             inputs = self.features(audios)
+            if self.whisper is not None:  # else language detection runs the encoder again
+                hidden = self.model.get_encoder()(**inputs).last_hidden_state
+                inputs = {"encoder_outputs": BaseModelOutput(last_hidden_state=hidden)}
         kwargs = self.generate_kwargs(params)
         if wanted is not None:
             kwargs["stopping_criteria"] = StoppingCriteriaList([_Cancelled(wanted, len(audios))])
         if any(sinks) and params.num_beams == 1:
             last = _LastLogprobs()
-            kwargs["logits_processor"] = LogitsProcessorList([last])
-            kwargs["streamer"] = _RowStreamer(sinks, self._eos_ids(), last)
+            kwargs["logits_processor"] = LogitsProcessorList(
+                [*kwargs.get("logits_processor", []), last]
+            )
+            kwargs["streamer"] = _RowStreamer(sinks, self._eos_ids(), self._not_text, last)
         encoded_before = self._clock.get("encoder", 0.0)
         started = time.perf_counter()
         if params.do_sample and params.seed is not None:
@@ -484,7 +531,7 @@ class ModelAdapter:
         generating = time.perf_counter() - started
         self._tick("decoding", generating - (self._clock.get("encoder", 0.0) - encoded_before))
         started = time.perf_counter()
-        rows = self._decode(out)
+        rows = self._decode(out, params)
         self._tick("detokenize", time.perf_counter() - started)
         if params.words:
             started = time.perf_counter()
@@ -690,6 +737,11 @@ class ModelAdapter:
         finally:
             self.model.set_attn_implementation(before)
 
+    def _not_text(self, token: int) -> bool:
+        """Whisper's special, language, task and timestamp tokens (all from `<|endoftext|>`
+        on) carry no text."""
+        return self.whisper is not None and token >= self.whisper.first_special
+
     def _eos_ids(self) -> set[int]:
         eos = self.model.generation_config.eos_token_id
         return set(eos) if isinstance(eos, list) else {int(eos)}
@@ -697,28 +749,45 @@ class ModelAdapter:
     def _rng_devices(self) -> list[int]:
         return [self.device.index or 0] if self.device.type == "cuda" else []
 
-    def _decode(self, out: Any) -> list[Decoded]:
+    def _decode(self, out: Any, params: GenerationParams) -> list[Decoded]:
         sequences = out.sequences
+        beams = getattr(out, "beam_indices", None)
+        if out.scores and out.scores[0].shape[0] == sequences.shape[0]:
+            beams = None  # Whisper hands back each row's own beam's scores already
         scores = self.model.compute_transition_scores(
-            sequences, out.scores, getattr(out, "beam_indices", None), normalize_logits=True
+            sequences, out.scores, beams, normalize_logits=True
         )
-        generated = sequences[:, -scores.shape[1] :] if scores.shape[1] else sequences[:, :0]
+        steps = scores.shape[1]
+        generated = sequences[:, -steps:] if steps else sequences[:, :0]
+        prompts = sequences[:, : sequences.shape[1] - steps].tolist()
         special = set(self.tokenizer.all_special_ids)
         pad = self.model.generation_config.pad_token_id
         eos_ids = self._eos_ids()
         rows = []
-        for ids_t, lp_t in zip(generated.tolist(), scores.float().tolist(), strict=True):
+        forced = self._forced_language(params)
+        rows_out = zip(generated.tolist(), scores.float().tolist(), prompts, strict=True)
+        for ids_t, lp_t, prompt in rows_out:
             tokens, logprobs = [], []
             for token, logprob in zip(ids_t, lp_t, strict=True):
                 if token in eos_ids:
                     break
-                if token == pad or token in special or not np.isfinite(logprob):
+                if token == pad or token in special or self._not_text(token):
+                    continue
+                if not np.isfinite(logprob):
                     continue
                 tokens.append(token)
                 logprobs.append(round(float(logprob), 4))
             text = str(self.tokenizer.decode(tokens, skip_special_tokens=True)).strip()
-            rows.append(Decoded(text=text, tokens=tokens, logprobs=logprobs))
+            language = self.whisper.language_used(prompt, params) if self.whisper else forced
+            rows.append(Decoded(text=text, tokens=tokens, logprobs=logprobs, language=language))
         return rows
+
+    def _forced_language(self, params: GenerationParams) -> str | None:
+        """The target language an mBART-style decoder was forced to, else None (unknown).
+        (Whisper's comes from each row's prompt: forced or detected.)"""
+        if "forced_bos_token_id" in self.generate_kwargs(params):
+            return params.language or "en"
+        return None
 
     def warm_up(self) -> None:
         """One generate on a second of hiss: allocations and kernels happen before traffic."""

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 import numpy as np
 import torch
 
+from service.engine import checkpoint
 from service.engine.adapter import ModelAdapter, ModelInfo
 from service.engine.budget import AudioBudget
 from service.engine.pool import WorkerPool
@@ -83,7 +84,8 @@ class Engine:
         """
         cores = os.cpu_count() or 1
         devices = settings.devices(torch.cuda.device_count(), cores)
-        first = ModelAdapter(settings.model_dir, settings.served_name, devices[0], settings.dtype)
+        folder = checkpoint.resolve(settings.model) if settings.model else settings.model_dir
+        first = ModelAdapter(folder, settings.served_name, devices[0], settings.dtype)
         if "cpu" in devices and not settings.cpu_workers:
             parameters = sum(p.numel() for p in first.model.parameters())
             devices = settings.devices(torch.cuda.device_count(), cores, parameters)
@@ -94,7 +96,7 @@ class Engine:
             adapter = (
                 first
                 if index == 0
-                else ModelAdapter(settings.model_dir, settings.served_name, device, settings.dtype)
+                else ModelAdapter(folder, settings.served_name, device, settings.dtype)
             )
             if settings.warmup:
                 started = time.monotonic()
@@ -141,6 +143,13 @@ class Engine:
             raise BadAudio(
                 f"audio is too short: {len(audio)} samples ({len(audio) / rate * 1000:.1f} ms) "
                 f"at {rate} Hz; the model needs at least {self.adapter.min_samples}",
+                param="file",
+            )
+        longest = self.info.max_input_seconds
+        if longest is not None and len(audio) > longest * self.info.sampling_rate:
+            raise BadAudio(
+                f"audio is {len(audio) / self.info.sampling_rate:.1f} s long; this model takes "
+                f"windows of at most {longest:g} s",
                 param="file",
             )
         loop = asyncio.get_running_loop()

@@ -123,7 +123,7 @@ class Worker:
                     text=row.text,
                     tokens=row.tokens,
                     logprobs=row.logprobs,
-                    language=job.params.language,
+                    language=row.language or job.params.language,
                     audio_seconds=job.samples / self.adapter.info.sampling_rate,
                     queue_seconds=max(0.0, started - job.enqueued_at),
                     compute_seconds=elapsed,

@@ -18,6 +18,7 @@ import collections
 import contextlib
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Literal
@@ -80,6 +81,12 @@ class StreamConfig(BaseModel):
     )
 
 
+def utterance_seconds(config: StreamConfig, engine: Engine) -> float:
+    """The longest utterance of a session: an utterance is one model input, so no longer than
+    the model's window (Whisper: 30 s) whatever the config asks."""
+    return min(config.max_utterance_seconds, engine.info.max_input_seconds or math.inf)
+
+
 class StreamSession:
     """Turns one stream of audio frames into partial and final transcript events."""
 
@@ -107,7 +114,7 @@ class StreamSession:
         self.endpointer = endpointer or Endpointer(
             self.rate,
             silence_ms=config.silence_duration_ms,
-            max_utterance_seconds=config.max_utterance_seconds,
+            max_utterance_seconds=utterance_seconds(config, engine),
             threshold_db=config.vad_threshold_db,
         )
         self.agreement = LocalAgreement()

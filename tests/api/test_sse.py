@@ -48,7 +48,9 @@ def test_official_client_streams_deltas_then_the_text(bundled_server: LiveServer
     assert received[-1].type == "transcript.text.done"
 
 
-@pytest.mark.parametrize("kind", ["hubert-gpt2", "wav2vec2-bart", "wav2vec2-bert"])
+@pytest.mark.parametrize(
+    "kind", ["hubert-gpt2", "wav2vec2-bart", "wav2vec2-bert", "whisper", "whisper-en"]
+)
 def test_deltas_add_up_to_the_unstreamed_transcript(
     kind: str, checkpoints: dict[str, Path], speech_wav: bytes
 ) -> None:

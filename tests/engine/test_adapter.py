@@ -11,8 +11,7 @@ import torch
 from service.engine.adapter import ModelAdapter
 from service.engine.types import GenerationParams
 from service.errors import InvalidRequest, StartupError, Unsupported
-
-KINDS = ["wav2vec2-bert", "hubert-gpt2", "wav2vec2-bart", "speech2text", "wav2vec2-groupnorm-bert"]
+from tests.checkpoints import KINDS
 
 
 def clip(seconds: float, seed: int = 0) -> np.ndarray:
@@ -24,9 +23,10 @@ def test_loads_and_describes_each_kind(checkpoints: dict[str, Path], kind: str) 
     adapter = ModelAdapter(checkpoints[kind], "tiny")
     info = adapter.info
     assert info.sampling_rate == 16_000
-    expected_input = "input_features" if kind == "speech2text" else "input_values"
-    assert info.input_name == expected_input
+    features = kind == "speech2text" or kind.startswith("whisper")
+    assert info.input_name == ("input_features" if features else "input_values")
     assert info.padding_invariant == (kind not in ("wav2vec2-groupnorm-bert", "speech2text"))
+    assert info.max_input_seconds == (30.0 if kind.startswith("whisper") else None)
     assert adapter.dtype == torch.float32
     (row,) = adapter.transcribe([clip(1.0)], GenerationParams(max_new_tokens=6))
     assert 0 < len(row.tokens) <= 6
@@ -35,14 +35,17 @@ def test_loads_and_describes_each_kind(checkpoints: dict[str, Path], kind: str) 
     assert row.text == adapter.tokenizer.decode(row.tokens, skip_special_tokens=True).strip()
 
 
-@pytest.mark.parametrize("kind", ["wav2vec2-bert", "hubert-gpt2", "speech2text"])
+@pytest.mark.parametrize(
+    "kind", ["wav2vec2-bert", "hubert-gpt2", "speech2text", "whisper", "whisper-en"]
+)
 def test_encoder_runs_once_and_decoder_uses_the_kv_cache(
     checkpoints: dict[str, Path], kind: str
 ) -> None:
     adapter = ModelAdapter(checkpoints[kind], "tiny")
     model = adapter.model
     encoder = model.get_encoder()
-    decoder = model.get_decoder() if kind == "speech2text" else model.decoder
+    own_decoder = kind == "speech2text" or kind.startswith("whisper")
+    decoder = model.get_decoder() if own_decoder else model.decoder
     encoder_calls = []
     decoder_lengths = []
     encoder.register_forward_hook(lambda *_: encoder_calls.append(1))
@@ -57,7 +60,14 @@ def test_encoder_runs_once_and_decoder_uses_the_kv_cache(
     (row,) = adapter.transcribe([clip(1.0)], GenerationParams(max_new_tokens=6))
     assert encoder_calls == [1]
     assert len(decoder_lengths) >= len(row.tokens)
-    assert decoder_lengths[0] == 1  # the start token
+    if kind == "whisper":  # language detection: one step on <|startoftranscript|>; then the
+        # prompt <|startoftranscript|><|lang|><|transcribe|><|notimestamps|>
+        assert decoder_lengths[:2] == [1, 4]
+        decoder_lengths.pop(0)
+    elif kind == "whisper-en":  # no language or task: <|startoftranscript|><|notimestamps|>
+        assert decoder_lengths[0] == 2
+    else:
+        assert decoder_lengths[0] == 1  # the start token
     assert set(decoder_lengths[1:]) == {1}  # each later step feeds one token: cached keys/values
 
 

@@ -12,9 +12,9 @@ import torch
 from service.engine.engine import ClientGone, Engine
 from service.engine.types import GenerationParams
 from service.errors import ModelFailure, Unavailable
+from tests.checkpoints import KINDS
 from tests.conftest import settings_for
 
-KINDS = ["wav2vec2-bert", "hubert-gpt2", "wav2vec2-bart", "speech2text", "wav2vec2-groupnorm-bert"]
 PARAMS = GenerationParams(max_new_tokens=6)
 
 

@@ -11,7 +11,7 @@ router = APIRouter(tags=["models"], responses=ERROR_RESPONSES)
 
 def _card(engine: EngineDep, name: str) -> ModelCard:
     info = engine.info
-    created = int(engine.settings.model_dir.stat().st_mtime)
+    created = int(engine.adapter.model_dir.stat().st_mtime)
     return ModelCard(
         id=name,
         created=created,

@@ -24,7 +24,7 @@ from service.errors import InvalidRequest, ServiceError, error_event
 from service.metrics import Metrics
 from service.settings import Settings
 from service.streaming.pcm import BadFrame
-from service.streaming.session import StreamConfig, StreamSession
+from service.streaming.session import StreamConfig, StreamSession, utterance_seconds
 from service.streaming.vad import make_endpointer
 
 router = APIRouter()
@@ -207,7 +207,7 @@ async def _configure(
                 engine.info.sampling_rate,
                 threshold=config.vad_threshold,
                 silence_ms=config.silence_duration_ms,
-                max_utterance_seconds=config.max_utterance_seconds,
+                max_utterance_seconds=utterance_seconds(config, engine),
             )
         except ValueError as exc:
             await connection.error("invalid_config", f"vad: {exc}", param="vad")

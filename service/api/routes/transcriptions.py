@@ -4,6 +4,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import math
 import threading
 import time
 from collections.abc import AsyncIterable, AsyncIterator
@@ -255,9 +256,7 @@ async def _decode_and_transcribe(
     duration = len(audio) / rate
     reservation.resize(duration)
     record.audio_seconds = duration
-    max_window = settings.max_window_seconds
-    if engine.info.architecture == "whisper":  # Whisper sees at most 30 s
-        max_window = min(max_window, 30.0)
+    max_window = min(settings.max_window_seconds, engine.info.max_input_seconds or math.inf)
     windows = await asyncio.to_thread(
         _plan, audio, rate, max_window, body.chunking_strategy, settings
     )
