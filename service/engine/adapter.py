@@ -585,7 +585,8 @@ class ModelAdapter:
         """How many encoder frames (the audio tokens the decoder attends to) `samples` make."""
         encoder = self.model.get_encoder()
         lengths = getattr(encoder, "_get_feat_extract_output_lengths", None)
-        if lengths is not None:  # wav2vec2 family: the convolutional front end's arithmetic
+        if self.model.config.model_type == "speech-encoder-decoder" and lengths is not None:
+            # wav2vec2 family: the convolutional front end's arithmetic
             return int(lengths(torch.tensor([samples])).item())
         hop = int(getattr(self.feature_extractor, "hop_length", 160))
         strides = 2  # Whisper: two convolutions, the second with stride 2

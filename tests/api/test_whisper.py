@@ -123,11 +123,17 @@ def test_translation_uses_the_translate_task(multilingual, wav: bytes) -> None:
 
 def test_unknown_language_lists_the_known_ones(multilingual, wav: bytes) -> None:
     server, _ = multilingual
-    refused = post(server, "/v1/audio/transcriptions", wav, language="xx")
+    # a real ISO 639-1 language (Abkhazian) the model has no token for: its languages are listed
+    refused = post(server, "/v1/audio/transcriptions", wav, language="ab")
     assert refused.status_code == 400
     error = refused.json()["error"]
     assert error["param"] == "language"
     assert "de, el, en" in error["message"]
+    # not a language at all: refused at the API boundary (ISO 639-1)
+    bogus = post(server, "/v1/audio/transcriptions", wav, language="xx")
+    assert bogus.status_code == 400
+    assert bogus.json()["error"]["param"] == "language"
+    assert "ISO 639-1" in bogus.json()["error"]["message"]
 
 
 def test_sse_deltas_join_to_the_upload_text(multilingual, wav: bytes) -> None:
@@ -144,7 +150,9 @@ def test_sse_deltas_join_to_the_upload_text(multilingual, wav: bytes) -> None:
             json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")
         ]
     deltas = "".join(e["delta"] for e in events if e["type"] == "transcript.text.delta")
-    assert events[-1] == {"type": "transcript.text.done", "text": plain}
+    assert events[-1]["type"] == "transcript.text.done"
+    assert events[-1]["text"] == plain
+    assert events[-1]["usage"]["input_tokens"] > 0
     assert deltas.strip() == plain
 
 
