@@ -16,6 +16,7 @@ import os
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "32")
 
 import argparse
+import asyncio
 import errno
 import logging
 import socket
@@ -23,6 +24,7 @@ import sys
 from collections.abc import Sequence
 
 import uvicorn
+from fastapi import FastAPI
 from pydantic import ValidationError
 from pydantic_settings import CliSettingsSource
 
@@ -125,20 +127,38 @@ class _Server(uvicorn.Server):
                 "Uvicorn running on http://%s:%d (Press CTRL+C to quit)", shown, port
             )
 
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """Drain the engine from the signal on, while uvicorn waits for the open requests.
+
+        Queued work may finish within `drain_timeout_s`; what is still queued then is answered
+        503 `unavailable` with Retry-After (`WorkerPool.stop`), so the requests end before
+        uvicorn's own graceful timeout, which would cancel them with a bare 500.
+        """
+        engine = getattr(self.app.state, "engine", None)
+        draining = asyncio.create_task(asyncio.to_thread(engine.stop)) if engine else None
+        await super().shutdown(sockets)
+        if draining is not None:
+            await draining
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+        super().__init__(config)
+        self.app = app
+
 
 def main(argv: Sequence[str] | None = None) -> None:
     settings = settings_from(sys.argv[1:] if argv is None else argv)
     logs.configure(settings)
     sock = bind(settings)
+    app = create_app(settings)
     config = uvicorn.Config(
-        create_app(settings),
+        app,
         log_level=settings.log_level,
         log_config=None,  # keep `logs.configure`'s handler (text or JSON)
         access_log=False,  # the service logs each request itself, with its id and timings
         ws_max_size=settings.max_frame_bytes + 64 * 1024,  # the route answers oversize frames
         timeout_graceful_shutdown=int(settings.drain_timeout_s) + 5,
     )
-    server = _Server(config)
+    server = _Server(config, app)
     server.run(sockets=[sock])
     if not server.started:  # start-up failed: the app has logged why (`service.api.app`)
         raise SystemExit(EXIT_CANNOT_START)

@@ -12,7 +12,7 @@ import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -123,7 +123,8 @@ def test_bfloat16_runs_every_kind_in_bfloat16(checkpoints: dict[str, Path], kind
         lambda _m, _i, out: hidden.append(out.last_hidden_state.dtype)
     )
     rows = adapter.transcribe(clips([1.0, 0.8]), PARAMS)
-    assert hidden and set(hidden) == {torch.bfloat16}
+    assert hidden
+    assert set(hidden) == {torch.bfloat16}
     for row in rows:
         assert len(row.tokens) == PARAMS.max_new_tokens  # the tiny decoders never stop early
         assert row.text
@@ -185,7 +186,7 @@ class FakeCudaReplica(ModelAdapter):
     """A replica the engine asked for on `cuda:N`. The model really runs, on the CPU, on the
     path CUDA takes (padded batched encoder); `requested` keeps what the engine asked for."""
 
-    requested: list[tuple[str, str]] = []
+    requested: ClassVar[list[tuple[str, str]]] = []
 
     def __init__(self, model_dir: Path, name: str, device: str = "cpu", dtype: str = "auto"):
         FakeCudaReplica.requested.append((device, dtype))
