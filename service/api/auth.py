@@ -4,7 +4,9 @@ Clients send the key as the OpenAI clients do, `Authorization: Bearer <key>`, or
 `X-API-Key: <key>`; websockets may also pass `?api_key=<key>` (browsers cannot set headers on a
 websocket). Keys are compared as SHA-256 digests with `hmac.compare_digest` against every
 configured key, so the time taken says nothing about how much of a key matched or which one.
-The probes (`/health`, `/ready`) are always open; `/metrics` is open only if configured so.
+The probes (`/health`, `/ready`) and the browser page's static files (`/`, `/static/...`: a
+browser cannot send a key when it navigates; the page asks for one) are always open; `/metrics`
+is open only if configured so.
 """
 
 import hashlib
@@ -16,7 +18,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from service.api.errors import send_error
 from service.errors import Unauthorized
 
-ALWAYS_OPEN = frozenset({"/health", "/ready"})
+ALWAYS_OPEN = frozenset({"/health", "/ready", "/"})
+OPEN_PREFIX = "/static/"  # the page's scripts, style sheet and icon
 
 
 def _digest(key: str) -> bytes:
@@ -36,6 +39,7 @@ class ApiKeyAuth:
             scope["type"] not in ("http", "websocket")
             or not self.digests
             or scope.get("path") in self.open_paths
+            or str(scope.get("path", "")).startswith(OPEN_PREFIX)
         ):
             await self.app(scope, receive, send)
             return
