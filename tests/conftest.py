@@ -209,4 +209,29 @@ class WorkerHold:
         del self.pool.before_batch  # back to the class's hook
 
 
+class QueueHold:
+    """Keeps an in-process engine's idle workers from taking work until `release()`: each
+    waits before asking the scheduler for a batch, so uploads sent meanwhile all queue and
+    then form one batch together (up to `max_batch_size`), however long they took to arrive.
+    `parked` is set once a worker waits outside the queue (it can no longer be inside it)."""
+
+    def __init__(self, engine: Any) -> None:
+        self.scheduler = engine.scheduler
+        self.parked = threading.Event()
+        self.released = threading.Event()
+        take = self.scheduler.next_batch
+
+        def held(timeout: float | None = None) -> Any:
+            self.parked.set()
+            self.released.wait(60)
+            return take(timeout)
+
+        self.scheduler.next_batch = held
+
+    def release(self) -> None:
+        if not self.released.is_set():
+            del self.scheduler.next_batch  # back to the class's method
+            self.released.set()
+
+
 CLEAN_EXIT = (0, -signal.SIGTERM)

@@ -2,7 +2,8 @@
 that no accepted request is left without an answer and that the next request is served.
 
 (a)-(d) run on a live in-thread server (tiny wav2vec2 + BERT checkpoint, one worker, batches of
-up to four that wait up to a second for company, so four concurrent uploads share one batch);
+up to four; the worker is kept from the queue until four concurrent uploads are all queued
+(`QueueHold`), so they share one batch however slowly they arrive);
 the fault is injected into the worker's `adapter.transcribe`, as `tests/engine/test_engine.py`
 does. (e) is SIGTERM to a real `python -m service` under load with streaming sessions open, its
 worker held (`tests/held_service.py`) so that the uploads are queued when the signal arrives.
@@ -29,7 +30,15 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from service.api.app import create_app
-from tests.conftest import CLEAN_EXIT, HeldService, LiveServer, encode, settings_for, speak
+from tests.conftest import (
+    CLEAN_EXIT,
+    HeldService,
+    LiveServer,
+    QueueHold,
+    encode,
+    settings_for,
+    speak,
+)
 
 TRANSCRIBE = "/v1/audio/transcriptions"
 RATE = 16_000  # the tiny checkpoint's rate: a 16 kHz upload decodes to exactly its samples
@@ -67,15 +76,29 @@ def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 30) -> N
 
 
 def post_all(server: LiveServer, bodies: list[bytes]) -> list[httpx.Response]:
-    """Upload every body at once (each its own connection); every response, in order."""
+    """Upload every body at once (each its own connection), as one batch: the worker is kept
+    from the queue (`QueueHold`) until all are queued. Every response, in order."""
+    engine = server.app.state.engine
+    hold = QueueHold(engine)
+    assert hold.parked.wait(30), "the worker never came back for work"
 
     async def run() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
-            return await asyncio.gather(
-                *(client.post(TRANSCRIBE, files={"file": ("a.wav", b)}) for b in bodies)
-            )
+            posts = [
+                asyncio.create_task(client.post(TRANSCRIBE, files={"file": ("a.wav", b)}))
+                for b in bodies
+            ]
+            deadline = time.monotonic() + 60
+            while engine.scheduler.depth < len(bodies):
+                assert time.monotonic() < deadline, "the uploads never queued"
+                await asyncio.sleep(0.02)
+            hold.release()
+            return list(await asyncio.gather(*posts))
 
-    return asyncio.run(run())
+    try:
+        return asyncio.run(run())
+    finally:
+        hold.release()
 
 
 def assert_serves(server: LiveServer, body: bytes) -> None:
