@@ -155,7 +155,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         log_level=settings.log_level,
         log_config=None,  # keep `logs.configure`'s handler (text or JSON)
         access_log=False,  # the service logs each request itself, with its id and timings
-        ws_max_size=settings.max_frame_bytes + 64 * 1024,  # the route answers oversize frames
+        # the routes answer oversize messages themselves (an error event, then close 1009)
+        ws_max_size=max(settings.max_frame_bytes, settings.realtime_max_event_bytes) + 64 * 1024,
         timeout_graceful_shutdown=int(settings.drain_timeout_s) + 5,
     )
     server = _Server(config, app)

@@ -91,6 +91,33 @@ class Settings(BaseSettings):
     max_frame_bytes: int = Field(
         1024 * 1024, ge=1024, le=64 * 1024 * 1024, description="Largest websocket message."
     )
+    stream_vad: Literal["energy", "silero"] = Field(
+        "energy", description="Default voice-activity detector of /v1/audio/stream sessions."
+    )
+    realtime_vad: Literal["energy", "silero"] = Field(
+        "silero", description="Voice-activity detector of the Realtime `server_vad`."
+    )
+    long_audio_vad: Literal["energy", "silero"] = Field(
+        "energy", description="Detector that finds speech when cutting long uploads into windows."
+    )
+    realtime_max_event_bytes: int = Field(
+        15 * 1024 * 1024,
+        ge=1024,
+        le=64 * 1024 * 1024,
+        description="Largest Realtime client event (OpenAI documents 15 MiB per append).",
+    )
+    realtime_partial_interval_ms: int = Field(
+        250,
+        ge=100,
+        le=10_000,
+        description="Realtime sessions re-transcribe open speech this often (for deltas).",
+    )
+    realtime_max_buffer_seconds: float = Field(
+        60.0,
+        ge=2,
+        le=600,
+        description="Most audio an uncommitted Realtime input buffer may hold (manual mode).",
+    )
 
     # --- access ---
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(

@@ -15,7 +15,7 @@ from service.api.auth import ApiKeyAuth
 from service.api.gate import DecodeGate, EarlyAdmission
 from service.api.limits import BodySizeLimit
 from service.api.observe import RequestObserver
-from service.api.routes import health, metrics, models, page, stream, transcriptions
+from service.api.routes import health, metrics, models, page, realtime, stream, transcriptions
 from service.engine.engine import Engine
 from service.errors import StartupError
 from service.metrics import Metrics
@@ -123,6 +123,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models.router)
     app.include_router(transcriptions.router)
     app.include_router(stream.router)
+    app.include_router(realtime.router)
     app.include_router(page.router)  # GET /: the browser page (service/api/static)
     _document_errors_as_served(app)
     return app

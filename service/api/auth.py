@@ -1,12 +1,13 @@
 """Optional API keys, checked before any route runs (and before a websocket is accepted).
 
 Clients send the key as the OpenAI clients do, `Authorization: Bearer <key>`, or as
-`X-API-Key: <key>`; websockets may also pass `?api_key=<key>` (browsers cannot set headers on a
-websocket). Keys are compared as SHA-256 digests with `hmac.compare_digest` against every
-configured key, so the time taken says nothing about how much of a key matched or which one.
-The probes (`/health`, `/ready`) and the browser page's static files (`/`, `/static/...`: a
-browser cannot send a key when it navigates; the page asks for one) are always open; `/metrics`
-is open only if configured so.
+`X-API-Key: <key>`; websockets may also pass `?api_key=<key>` or, as OpenAI's Realtime API
+takes it from browsers, the subprotocol `openai-insecure-api-key.<key>` (browsers cannot set
+headers on a websocket). Keys are compared as SHA-256 digests with `hmac.compare_digest`
+against every configured key, so the time taken says nothing about how much of a key matched
+or which one. The probes (`/health`, `/ready`) and the browser page's static files (`/`,
+`/static/...`: a browser cannot send a key when it navigates; the page asks for one) are always
+open; `/metrics` is open only if configured so.
 """
 
 import hashlib
@@ -20,6 +21,7 @@ from service.errors import Unauthorized
 
 ALWAYS_OPEN = frozenset({"/health", "/ready", "/"})
 OPEN_PREFIX = "/static/"  # the page's scripts, style sheet and icon
+SUBPROTOCOL_PREFIX = "openai-insecure-api-key."
 
 
 def _digest(key: str) -> bytes:
@@ -63,6 +65,11 @@ class ApiKeyAuth:
         if b"x-api-key" in headers:
             return headers[b"x-api-key"].decode("latin-1")
         if scope["type"] == "websocket":
+            for protocol in scope.get("subprotocols") or []:
+                if protocol.startswith(SUBPROTOCOL_PREFIX) and len(protocol) > len(
+                    SUBPROTOCOL_PREFIX
+                ):
+                    return str(protocol[len(SUBPROTOCOL_PREFIX) :])
             values = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("api_key")
             if values:
                 return values[0]

@@ -64,10 +64,14 @@ def plan_windows(
     max_window: float,
     min_pause: float = 0.3,
     search: float = 5.0,
+    speech: npt.NDArray[np.bool_] | None = None,
 ) -> list[Window]:
     """Windows covering every stretch of speech in `audio`, each at most `max_window` seconds.
 
     Silence-only audio gives no windows. Windows never overlap and come in time order.
+    `speech`, if given, says which FRAME_SECONDS frames are speech (from another voice-activity
+    detector, e.g. `service.streaming.vad.silero_speech_frames`) instead of the energy rule;
+    cuts inside long speech still go at the quietest frames.
     """
     if max_window <= 0 or min_pause <= 0 or search <= 0:
         raise ValueError("max_window, min_pause and search must be positive")
@@ -75,7 +79,10 @@ def plan_windows(
     levels = frame_levels(audio, frame)
     if levels.size == 0:
         return []
-    speech = _speech_frames(levels)
+    if speech is None:
+        speech = _speech_frames(levels)
+    elif len(speech) != len(levels):
+        raise ValueError(f"speech has {len(speech)} frames; the audio has {len(levels)}")
     min_gap = round(min_pause / FRAME_SECONDS)
     regions = _regions(speech, min_gap, round(MIN_SPEECH_SECONDS / FRAME_SECONDS))
     limit = int(max_window * rate)

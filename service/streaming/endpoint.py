@@ -35,14 +35,39 @@ import bisect
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Final, Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["NOISE_MARGIN_DB", "STEADY_RANGE_DB", "TAIL_MS", "EndReason", "Endpointer", "Utterance"]
+__all__ = [
+    "NOISE_MARGIN_DB",
+    "STEADY_RANGE_DB",
+    "TAIL_MS",
+    "EndReason",
+    "Endpointer",
+    "SpeechDetector",
+    "Utterance",
+]
 
 EndReason = Literal["silence", "max_length", "end_of_stream"]
+
+
+class SpeechDetector(Protocol):
+    """A frame classifier that replaces the energy rule (e.g. `service.streaming.vad`'s Silero).
+
+    `frame_samples` is the frame length it needs at the endpointer's rate; `classify` takes
+    consecutive frames of the stream (one per row) and says which are speech. It may keep state
+    from frame to frame (a recurrent model does), so it sees every frame exactly once, in order.
+    """
+
+    frame_samples: int
+
+    def classify(self, frames: npt.NDArray[np.float32]) -> list[bool]: ...
+
+    def reset(self) -> None:
+        """Forget the stream so far (the audio before this point is gone)."""
+
 
 NOISE_MARGIN_DB: Final = 12.0
 """How far above the noise floor a frame must be to count as speech."""
@@ -106,6 +131,8 @@ class Endpointer:
         max_utterance_seconds: float = 15.0,
         frame_ms: int = 20,
         threshold_db: float = -50.0,
+        detector: SpeechDetector | None = None,
+        tail_ms: int = TAIL_MS,
     ) -> None:
         """Set up for a stream at `sample_rate` Hz.
 
@@ -116,6 +143,10 @@ class Endpointer:
             max_utterance_seconds: longest utterance audio, pre-roll included.
             frame_ms: analysis frame length.
             threshold_db: the quietest frame level (RMS, dBFS) that can be speech.
+            detector: classifies frames instead of the energy rule (`threshold_db` and the noise
+                floor are then unused); its `frame_samples` sets the frame length and
+                `frame_ms` is ignored.
+            tail_ms: audio kept after the last speech frame (at most `silence_ms`).
 
         Raises:
             ValueError: a duration is not positive (`pre_roll_ms` may be 0), a frame is shorter
@@ -129,16 +160,21 @@ class Endpointer:
             )
         if pre_roll_ms < 0:
             raise ValueError(f"pre_roll_ms must not be negative; got {pre_roll_ms}")
-        frame = round(sample_rate * frame_ms / 1000)
+        if detector is not None:
+            frame_ms = max(1, round(detector.frame_samples * 1000 / sample_rate))
+        frame = (
+            detector.frame_samples if detector is not None else round(sample_rate * frame_ms / 1000)
+        )
         if frame < 1:
             raise ValueError(f"a {frame_ms} ms frame is less than one sample at {sample_rate} Hz")
         self.sample_rate: Final = sample_rate
         self.threshold_db: Final = float(threshold_db)
+        self.detector: Final = detector
         self._frame = frame
         self._silence_frames = math.ceil(silence_ms / frame_ms)
         self._min_speech_frames = math.ceil(min_speech_ms / frame_ms)
         self._pre_roll = round(sample_rate * pre_roll_ms / 1000)
-        self._tail = min(round(sample_rate * TAIL_MS / 1000), self._silence_frames * frame)
+        self._tail = min(round(sample_rate * tail_ms / 1000), self._silence_frames * frame)
         self._max = int(max_utterance_seconds * sample_rate)
         # Between utterances the buffer holds the pre-roll and the run of speech frames that may
         # open an utterance; an utterance that opens must have room for one more frame.
@@ -239,15 +275,34 @@ class Endpointer:
             return None
         return self._close("end_of_stream")
 
+    def clear(self) -> None:
+        """Drop the buffered audio, an open utterance's included, as if the stream had been
+        silent so far (the position still counts on). The noise floor is kept: the room is the
+        same room."""
+        if self._partial_len:  # counted as stream time, as `flush` does
+            self._append(self._partial[: self._partial_len])
+            self._partial_len = 0
+        self._drop_before(self._pos)
+        self._emitted_end = self._pos
+        self._open_start = None
+        self._speech_run = 0
+        self._silence_run = 0
+        if self.detector is not None:
+            self.detector.reset()
+
     # ------------------------------------------------------------------------------- framing
 
     def _frames(self, frames: npt.NDArray[np.float32], ended: list[Utterance]) -> None:
         """Classify and consume whole frames (one per row)."""
-        power = np.einsum("ij,ij->i", frames, frames, dtype=np.float64) / frames.shape[1]
-        levels = 10.0 * np.log10(np.maximum(power, 10.0 ** (_SILENT_DB / 10)))
-        for frame, level in zip(frames, levels.tolist(), strict=True):
+        if self.detector is not None:
+            flags = self.detector.classify(frames)
+        else:
+            power = np.einsum("ij,ij->i", frames, frames, dtype=np.float64) / frames.shape[1]
+            levels = 10.0 * np.log10(np.maximum(power, 10.0 ** (_SILENT_DB / 10)))
+            flags = [self._is_speech(level) for level in levels.tolist()]
+        for frame, speech in zip(frames, flags, strict=True):
             self._append(frame)
-            utterance = self._step(self._is_speech(level))
+            utterance = self._step(speech)
             if utterance is not None:
                 ended.append(utterance)
 

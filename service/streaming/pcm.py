@@ -1,9 +1,11 @@
 """Turn the raw PCM frames a streaming client sends into float32 mono samples at the model's rate.
 
-A streaming client sends headerless little-endian PCM (16-bit integers or 32-bit floats) at its
-own sample rate, in frames of any size. `PcmDecoder` checks each frame, converts it and resamples
-it with one `soxr.ResampleStream` for the whole stream, so the output of a stream fed in any
-chunking is the same signal as the stream resampled whole: no clicks at frame boundaries.
+A streaming client sends headerless little-endian PCM (16-bit integers or 32-bit floats), or
+G.711 (8-bit mu-law or A-law, as telephony and the OpenAI Realtime API's `audio/pcmu` and
+`audio/pcma` send), at its own sample rate, in frames of any size. `PcmDecoder` checks each
+frame, converts it and resamples it with one `soxr.ResampleStream` for the whole stream, so the
+output of a stream fed in any chunking is the same signal as the stream resampled whole: no
+clicks at frame boundaries.
 """
 
 from __future__ import annotations
@@ -18,15 +20,42 @@ from service.audio.decode import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE
 
 __all__ = ["MAX_FLOAT_MAGNITUDE", "BadFrame", "PcmDecoder", "PcmEncoding"]
 
-PcmEncoding = Literal["pcm_s16le", "f32le"]
+PcmEncoding = Literal["pcm_s16le", "f32le", "g711_ulaw", "g711_alaw"]
 """The sample formats a client may stream: 16-bit signed integers or 32-bit floats, little-endian,
-one channel."""
+or G.711 mu-law / A-law bytes; one channel."""
 
 MAX_FLOAT_MAGNITUDE: Final = 16.0
 """Largest |sample| accepted in f32le. Float audio lives in [-1, 1]; a little overshoot is real
 (mixes before limiting), but values far beyond it mean integers or garbage were sent as floats."""
 
-_DTYPES: Final[dict[str, str]] = {"pcm_s16le": "<i2", "f32le": "<f4"}
+_DTYPES: Final[dict[str, str]] = {
+    "pcm_s16le": "<i2",
+    "f32le": "<f4",
+    "g711_ulaw": "u1",
+    "g711_alaw": "u1",
+}
+
+
+def _ulaw_table() -> npt.NDArray[np.float32]:
+    """The 256 mu-law codes as linear samples (ITU-T G.711; the decoder of Sun's g711.c)."""
+    u = ~np.arange(256, dtype=np.int32) & 0xFF
+    exponent = (u >> 4) & 0x07
+    magnitude = (((u & 0x0F) << 3) + 0x84) << exponent
+    linear = np.where(u & 0x80, 0x84 - magnitude, magnitude - 0x84)
+    return (linear / 32768.0).astype(np.float32)
+
+
+def _alaw_table() -> npt.NDArray[np.float32]:
+    """The 256 A-law codes as linear samples (ITU-T G.711; the decoder of Sun's g711.c)."""
+    a = np.arange(256, dtype=np.int32) ^ 0x55
+    exponent = (a >> 4) & 0x07
+    mantissa = (a & 0x0F) << 4
+    magnitude = np.where(exponent == 0, mantissa + 8, (mantissa + 0x108) << (exponent - 1))
+    linear = np.where(a & 0x80, magnitude, -magnitude)
+    return (linear / 32768.0).astype(np.float32)
+
+
+_G711: Final = {"g711_ulaw": _ulaw_table(), "g711_alaw": _alaw_table()}
 
 
 class BadFrame(ValueError):
@@ -101,6 +130,8 @@ class PcmDecoder:
                 f"samples ({width} bytes each)"
             )
         raw = np.frombuffer(data, dtype=self._dtype)
+        if self.encoding in _G711:
+            return _G711[self.encoding][raw]
         if self._dtype.kind == "i":
             return raw.astype(np.float32) / np.float32(32768.0)
         samples = raw.astype(np.float32)  # a writable copy, in native byte order

@@ -29,9 +29,10 @@ from service.engine.engine import Engine
 from service.engine.types import GenerationParams, Transcript
 from service.errors import Overloaded, ServiceError, error_event
 from service.metrics import Metrics
-from service.streaming.agreement import LocalAgreement
+from service.streaming.agreement import Hypothesis, LocalAgreement
 from service.streaming.endpoint import Endpointer, Utterance
-from service.streaming.pcm import PcmDecoder
+from service.streaming.pcm import PcmDecoder, PcmEncoding
+from service.streaming.vad import release
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class StreamConfig(BaseModel):
     language: str | None = Field(None, max_length=32)
     task: Literal["transcribe", "translate"] = "transcribe"
     sample_rate: int = Field(16_000, ge=4_000, le=192_000, description="Input audio rate")
-    encoding: Literal["pcm_s16le", "f32le"] = "pcm_s16le"
+    encoding: PcmEncoding = "pcm_s16le"
     num_beams: int = Field(1, ge=1, le=64)
     max_new_tokens: int | None = Field(None, ge=1, le=4096)
     partials: bool = Field(True, description="Send transcript.partial events")
@@ -60,6 +61,12 @@ class StreamConfig(BaseModel):
     silence_duration_ms: int = Field(600, ge=100, le=10_000, description="Silence ending a turn")
     max_utterance_seconds: float = Field(15.0, ge=2, le=120)
     vad_threshold_db: float = Field(-50.0, ge=-100, le=0, description="Quietest speech level")
+    vad: Literal["energy", "silero"] | None = Field(
+        None, description="Voice-activity detector (default: the server's STT_STREAM_VAD)"
+    )
+    vad_threshold: float = Field(
+        0.5, ge=0, le=1, description="Silero speech probability that starts speech"
+    )
 
 
 class StreamSession:
@@ -73,7 +80,11 @@ class StreamSession:
         send: Send,
         metrics: Metrics,
         request_id: str | None = None,
+        endpointer: Endpointer | None = None,
     ) -> None:
+        """Start the session's task. `endpointer` (e.g. one with Silero VAD, from
+        `service.streaming.vad.make_endpointer`) replaces the energy endpointer built from the
+        config; the session owns it and gives its detector back when it ends."""
         self.engine = engine
         self.request_id = request_id  # carried by every error event of the session
         self.config = config
@@ -82,7 +93,7 @@ class StreamSession:
         self.metrics = metrics
         self.rate = engine.info.sampling_rate
         self.decoder = PcmDecoder(config.encoding, config.sample_rate, self.rate)
-        self.endpointer = Endpointer(
+        self.endpointer = endpointer or Endpointer(
             self.rate,
             silence_ms=config.silence_duration_ms,
             max_utterance_seconds=config.max_utterance_seconds,
@@ -119,13 +130,17 @@ class StreamSession:
             self._queue_final(last, time.monotonic())
         self.ended = True
         self.wake.set()
-        await self.task
+        try:
+            await self.task
+        finally:
+            release(self.endpointer)
 
     async def abort(self) -> None:
         """The client is gone: stop at once (a request in the engine is cancelled)."""
         self.task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await self.task
+        release(self.endpointer)
 
     def _take(self, samples: npt.NDArray[np.float32]) -> None:
         now = time.monotonic()
@@ -181,17 +196,7 @@ class StreamSession:
         hypothesis = self.agreement.update(result.text.split())
         while self.arrivals and self.arrivals[0][0] <= covered:
             self.arrivals.popleft()
-        await self.send(
-            {
-                "type": "transcript.partial",
-                "utterance": index,
-                "committed": hypothesis.committed_text,
-                "tail": hypothesis.tail_text,
-                "text": hypothesis.text,
-                "start": round(start or 0.0, 3),
-                "audio_end": round(covered / self.rate, 3),
-            }
-        )
+        await self._emit_partial(index, hypothesis, start or 0.0, covered / self.rate)
         if oldest is not None:
             self.metrics.partial_latency.observe(time.monotonic() - oldest)
 
@@ -200,8 +205,30 @@ class StreamSession:
         try:
             result = await self._transcribe_final(utterance)
         except ServiceError as exc:
-            await self.send(error_event(exc, self.request_id, utterance=index))
+            await self._emit_failure(index, utterance, exc)
             return
+        await self._emit_final(index, utterance, result)
+        self.metrics.final_latency.observe(time.monotonic() - detected_at)
+
+    # How events look on the wire: this protocol's; `service.streaming.realtime` renders the
+    # same moments as OpenAI Realtime events.
+
+    async def _emit_partial(
+        self, index: int, hypothesis: Hypothesis, start: float, audio_end: float
+    ) -> None:
+        await self.send(
+            {
+                "type": "transcript.partial",
+                "utterance": index,
+                "committed": hypothesis.committed_text,
+                "tail": hypothesis.tail_text,
+                "text": hypothesis.text,
+                "start": round(start, 3),
+                "audio_end": round(audio_end, 3),
+            }
+        )
+
+    async def _emit_final(self, index: int, utterance: Utterance, result: Transcript) -> None:
         await self.send(
             {
                 "type": "transcript.final",
@@ -212,7 +239,9 @@ class StreamSession:
                 "reason": utterance.reason,
             }
         )
-        self.metrics.final_latency.observe(time.monotonic() - detected_at)
+
+    async def _emit_failure(self, index: int, utterance: Utterance, exc: ServiceError) -> None:
+        await self.send(error_event(exc, self.request_id, utterance=index))
 
     async def _transcribe_final(self, utterance: Utterance) -> Transcript:
         """A final is never dropped for a full queue: it waits and retries until its deadline."""

@@ -97,3 +97,25 @@ def test_long_audio_segments_match_the_utterances(tmp_path: Path) -> None:
     assert ratio is not None, stdout
     a, b = (r["audio_per_s"] for r in report["rows"])
     assert float(ratio.group(1)) == pytest.approx(a / b, abs=0.006)
+
+
+def test_stream_realtime_sessions_account_for_every_phrase(tmp_path: Path) -> None:
+    stdout, rows = run(
+        "bench.stream",
+        *("--protocol", "realtime", "--sessions", "2", "--seconds-per-session", "5"),
+        out=tmp_path / "r.json",
+    )
+    (row,) = rows
+    assert row["sessions"] == 2
+    assert row["completed"] == row["phrases"] >= 4  # one completed per phrase, none lost
+    assert row["sessions_ok"] == 2
+    assert row["equal_to_upload"] == row["phrases"]  # each transcript equals its upload
+    assert row["errors"] == 0
+    assert row["early_delta_share"] > 0  # some text came while the speaker was talking
+    assert 0 < row["completed_p50"] <= row["completed_p95"] <= row["speech_end_p95"]
+    assert 0 < row["delta_p50"] <= row["delta_p95"]
+    (cells,) = table_rows(stdout, "2")
+    assert float(cells[2]) == pytest.approx(row["delta_p95"], abs=0.0006)
+    assert float(cells[4]) == pytest.approx(row["completed_p95"], abs=0.0006)
+    assert cells[8] == f"{row['equal_to_upload']}/{row['phrases']}"
+    assert "target: 16 concurrent real-time Realtime sessions" in stdout

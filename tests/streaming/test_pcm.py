@@ -125,3 +125,23 @@ def test_float_overshoot_up_to_the_limit_is_accepted() -> None:
 def test_invalid_configuration(encoding: str, rate: int, target: int, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         PcmDecoder(encoding, rate, target)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("encoding", "codes", "linear"),
+    [  # ITU-T G.711 reference points: zero, the smallest steps, full scale
+        ("g711_ulaw", [0xFF, 0x7F, 0xFE, 0x7E, 0x80, 0x00], [0, 0, 8, -8, 32124, -32124]),
+        ("g711_alaw", [0xD5, 0x55, 0xD4, 0xAA, 0x2A], [8, -8, 24, 32256, -32256]),
+    ],
+)
+def test_g711_codes_decode_to_the_standard_levels(
+    encoding: PcmEncoding, codes: list[int], linear: list[int]
+) -> None:
+    decoder = PcmDecoder(encoding, 8_000, 8_000)
+    out = decoder.feed(bytes(codes))
+    assert out.tolist() == [v / 32768 for v in linear]
+    every = decoder.feed(bytes(range(256))) * 32768
+    assert len(set(every.tolist())) == (255 if encoding == "g711_ulaw" else 256)  # mu-law: +-0
+    positive = np.sort(every[every > 0])
+    assert np.all(np.diff(positive) > 0)
+    assert np.array_equal(np.sort(-every[every < 0]), positive)  # symmetric

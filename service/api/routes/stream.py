@@ -24,6 +24,7 @@ from service.metrics import Metrics
 from service.settings import Settings
 from service.streaming.pcm import BadFrame
 from service.streaming.session import StreamConfig, StreamSession
+from service.streaming.vad import make_endpointer
 
 router = APIRouter()
 log = logging.getLogger("service.stream")
@@ -169,11 +170,33 @@ async def _configure(
     except ServiceError as exc:  # e.g. Unsupported: this model cannot translate
         await connection.error("invalid_config", exc.message, param=exc.param)
         return None
+    vad = config.vad or settings.stream_vad
+    endpointer = None
+    if vad == "silero":  # loading a model may block: off the loop
+        try:
+            endpointer = await asyncio.to_thread(
+                make_endpointer,
+                "silero",
+                engine.info.sampling_rate,
+                threshold=config.vad_threshold,
+                silence_ms=config.silence_duration_ms,
+                max_utterance_seconds=config.max_utterance_seconds,
+            )
+        except ValueError as exc:
+            await connection.error("invalid_config", f"vad: {exc}", param="vad")
+            return None
     session = StreamSession(
-        engine, config, params, connection.send, metrics, request_id=connection.request_id
+        engine,
+        config,
+        params,
+        connection.send,
+        metrics,
+        request_id=connection.request_id,
+        endpointer=endpointer,
     )
     effective = config.model_dump()
     effective["model"] = config.model or settings.served_name
+    effective["vad"] = vad
     await connection.send(
         {"type": "session.created", "session_id": uuid.uuid4().hex, "config": effective}
     )

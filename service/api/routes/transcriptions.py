@@ -19,7 +19,6 @@ from service.api.schemas import (
     TranscriptionVerbose,
 )
 from service.audio import decode_audio
-from service.audio.windows import plan_windows
 from service.engine.engine import ClientGone, Engine
 from service.engine.types import GenerationParams, Job, Task, Transcript
 from service.errors import (
@@ -33,6 +32,7 @@ from service.errors import (
 )
 from service.settings import Settings
 from service.streaming.detok import IncrementalDetokenizer
+from service.streaming.vad import plan_speech_windows
 
 router = APIRouter(tags=["audio"], responses=ERROR_RESPONSES)
 
@@ -172,7 +172,9 @@ async def _handle(
     if engine.info.architecture == "whisper":  # Whisper sees at most 30 s
         max_window = min(max_window, 30.0)
     if duration > max_window:
-        windows = plan_windows(audio, rate, max_window=max_window)
+        windows = await asyncio.to_thread(
+            plan_speech_windows, audio, rate, max_window=max_window, vad=settings.long_audio_vad
+        )
         results = engine.transcribe_pieces(
             [audio[w.start : w.end] for w in windows],
             params,
