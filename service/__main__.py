@@ -116,7 +116,12 @@ def bind(settings: Settings) -> socket.socket:
 
 class _Server(uvicorn.Server):
     """uvicorn on a socket we bound: it logs no address then, so say where we listen (in
-    uvicorn's own words, which scripts and tests read for the port when it was 0)."""
+    uvicorn's own words, which scripts and tests read for the port when it was 0), and drain the
+    engine from the shutdown signal on."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+        super().__init__(config)
+        self.app = app
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
@@ -139,10 +144,6 @@ class _Server(uvicorn.Server):
         await super().shutdown(sockets)
         if draining is not None:
             await draining
-
-    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
-        super().__init__(config)
-        self.app = app
 
 
 def main(argv: Sequence[str] | None = None) -> None:
