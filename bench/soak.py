@@ -12,9 +12,10 @@ audio length after that, up to its capacity: the report's RSS-during-load line s
 Then it sends `--requests` uploads with `--concurrency` always in flight: a seeded mix of good
 uploads (the model's `samples/*.wav`, as WAV or FLAC, in every response format, some as
 Server-Sent Events) and bad ones (empty, random bytes, a truncated header, a clip too short to
-hear, an unknown model, out-of-range fields, translation on a model that cannot). Meanwhile
-`--streams` websocket sessions each stream two samples with pauses at real-time pace in 100 ms
-frames, send `end`, and start again, until the uploads are done.
+hear, an unknown model, out-of-range fields, values that vanish in float32, translation on a
+model that cannot). Meanwhile `--streams` websocket sessions each stream two samples with
+pauses at real-time pace in 100 ms frames (after one deeply nested JSON message), send `end`,
+and start again, until the uploads are done.
 
 Checks (one line each in the report; any failure makes the run FAIL, exit status 1):
 
@@ -24,7 +25,7 @@ Checks (one line each in the report; any failure makes the run FAIL, exit status
 - good uploads got 200 with the transcript the sample gets alone (or, if shed, 429/503 with
   `Retry-After`, counted apart); bad ones got their documented status and error code;
 - every streaming session got `session.created`, its finals in order, `session.ended` and a
-  1000 close, and no error event;
+  1000 close, and no error event but the one `invalid_json` its deeply nested message earns;
 - once the load has drained (queue empty, no session open): resident memory at most 10% above
   the warmed-up figure, threads back to the warmed-up count, event-loop tasks at most
   `TASK_SLACK` above it; and the server exits cleanly on SIGTERM.
@@ -63,7 +64,8 @@ TASK_SLACK = 3  # event-loop tasks allowed above the warmed-up count after the d
 SETTLE_SECONDS = 30.0  # how long idle threads get to exit (anyio's idle workers stop after 10 s)
 STREAM_FRAME_SECONDS = 0.1
 STREAM_PAUSE_SECONDS = 1.0  # between phrases: longer than the default 600 ms endpoint silence
-CLEAN_EXIT = (0, -signal.SIGTERM)  # uvicorn re-raises SIGTERM after a clean shutdown
+CLEAN_EXIT = (0, -signal.SIGTERM)
+NESTED_JSON = "[" * 100_000  # uvicorn re-raises SIGTERM after a clean shutdown
 
 # Request kinds and their weights in the mix. Good kinds must get 200 and the reference text.
 GOOD_KINDS: dict[str, float] = {
@@ -85,6 +87,8 @@ BAD_KINDS: dict[str, tuple[float, int, str]] = {
     "num-beams-0": (2, 400, "invalid_value"),
     "bad-response-format": (1, 400, "invalid_value"),
     "temperature-9": (1, 400, "invalid_value"),
+    "temperature-1e-300": (1, 400, "invalid_value"),  # 0 in float32: was a 500 (issue 22)
+    "penalty-1e-300": (1, 400, "invalid_value"),
     "translate-unsupported": (1, 400, "unsupported"),
 }
 SHED = (429, 503)
@@ -195,6 +199,10 @@ def request_for(
         data["response_format"] = "mp4"
     elif kind == "temperature-9":
         data["temperature"] = "9"
+    elif kind == "temperature-1e-300":
+        data["temperature"] = "1e-300"
+    elif kind == "penalty-1e-300":
+        data["repetition_penalty"] = "1e-300"
     elif kind == "translate-unsupported":
         path = TRANSLATE
     return path, {"file": (name, body)}, data
@@ -400,6 +408,9 @@ async def stream_session(
                         events.append(json.loads(message))
 
                 reader = asyncio.create_task(read())
+                # a message that breaks a recursive JSON parser: one `invalid_json` error event,
+                # and the session goes on (issue 22; it closed the socket with 1006)
+                await ws.send(NESTED_JSON)
                 loop = asyncio.get_running_loop()
                 started = loop.time()
                 for n, offset in enumerate(range(0, len(audio), frame), start=1):
@@ -412,6 +423,10 @@ async def stream_session(
         problem = f"{type(exc).__name__}: {exc}"
     finals = [e for e in events if e.get("type") == "transcript.final"]
     errors = [e for e in events if e.get("type") == "error"]
+    nested = [e for e in errors if e.get("error", {}).get("code") == "invalid_json"]
+    errors = [e for e in errors if e not in nested[:1]]
+    if problem is None and len(nested) != 1:
+        problem = f"{len(nested)} invalid_json events for one deeply nested message"
     if problem is None:
         if not events or events[0].get("type") != "session.created":
             problem = "no session.created first"

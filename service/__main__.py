@@ -30,6 +30,7 @@ from pydantic_settings import CliSettingsSource
 
 from service import logs
 from service.api.app import create_app
+from service.api.transport import uvicorn_options
 from service.settings import Settings
 
 PROG = "python -m service"
@@ -156,8 +157,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         log_level=settings.log_level,
         log_config=None,  # keep `logs.configure`'s handler (text or JSON)
         access_log=False,  # the service logs each request itself, with its id and timings
-        # the routes answer oversize messages themselves (an error event, then close 1009)
-        ws_max_size=max(settings.max_frame_bytes, settings.realtime_max_event_bytes) + 64 * 1024,
+        **uvicorn_options(settings, app.state.metrics),  # head limits, read timeouts
         timeout_graceful_shutdown=int(settings.drain_timeout_s) + 5,
     )
     server = _Server(config, app)

@@ -154,6 +154,19 @@ class Metrics:
             registry=registry,
         )
 
+        # --- admission of uploads (service/engine/budget.py, service/api/gate.py) ---
+        self.inflight_audio = Gauge(
+            f"{p}_inflight_audio_seconds",
+            "Decoded seconds of audio held by accepted uploads (STT_MAX_INFLIGHT_AUDIO_SECONDS)",
+            registry=registry,
+        )
+        self.decodes_pending = Gauge(
+            f"{p}_decodes_pending",
+            "Uploads waiting for or in decoding, by decode lane (small, large)",
+            ["lane"],
+            registry=registry,
+        )
+
         # --- queue and batches ---
         self.queue_wait = Histogram(
             f"{p}_queue_wait_seconds",

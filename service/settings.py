@@ -54,6 +54,14 @@ class Settings(BaseSettings):
         3600.0, gt=0, description="Most audio seconds waiting in the queue."
     )
 
+    max_inflight_audio_seconds: float = Field(
+        7200.0,
+        gt=0,
+        le=1_000_000,
+        description="Decoded seconds of upload audio held by accepted requests at once (429 "
+        "beyond; one upload is admitted alone whatever its length). 64 KB a second at 16 kHz.",
+    )
+
     # --- request limits ---
     request_timeout_s: float = Field(60.0, gt=0, le=3600, description="Default deadline.")
     max_request_timeout_s: float = Field(
@@ -78,12 +86,39 @@ class Settings(BaseSettings):
     max_num_beams: int = Field(8, ge=1, le=64, description="Cap on beam width.")
     max_prompt_chars: int = Field(2000, ge=0, description="Cap on the `prompt` field.")
 
+    # --- transport (HTTP/1.1, service/api/transport.py) ---
+    max_header_bytes: int = Field(
+        32 * 1024,
+        ge=4096,
+        le=1024 * 1024,
+        description="Request line plus headers, in bytes (431 beyond; a target over 8000: 414).",
+    )
+    max_headers: int = Field(100, ge=16, le=10_000, description="Request headers (431 beyond).")
+    header_timeout_s: float = Field(
+        10.0, gt=0, le=600, description="A request's headers must arrive within this (408)."
+    )
+    body_read_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="Longest pause inside a request body (408)."
+    )
+
     # --- streaming (websocket sessions) ---
     max_streams: int = Field(
         32, ge=1, le=10_000, description="Concurrent websocket sessions (more: close 1013)."
     )
+    max_streams_per_client: int = Field(
+        8,
+        ge=1,
+        le=10_000,
+        description="Concurrent sessions per client (its API key, else its address; more: 1013).",
+    )
+    stream_config_timeout_s: float = Field(
+        10.0, gt=0, le=600, description="Close a session not configured within this time."
+    )
     stream_idle_timeout_s: float = Field(
-        30.0, gt=0, le=3600, description="Close a session that sends nothing for this long."
+        30.0,
+        gt=0,
+        le=3600,
+        description="Close a session that sends no audio for this long (bad messages: no audio).",
     )
     max_stream_seconds: float = Field(
         3600.0, gt=0, le=86_400, description="Longest a session may last (wall clock)."

@@ -19,6 +19,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from service.api.app import create_app
+from service.api.transport import uvicorn_options
 from service.settings import Settings
 from tests.checkpoints import build_checkpoint
 
@@ -36,7 +37,9 @@ class LiveServer:
                 await super().startup(sockets)  # type: ignore[arg-type]
                 outer.started.set()
 
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
+        # the transport the command line serves with (head limits, read timeouts)
+        options = uvicorn_options(app.state.settings, app.state.metrics)
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", **options)
         self.server = _Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

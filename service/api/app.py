@@ -1,6 +1,7 @@
 """The app factory: `create_app(settings)` wires settings, engine, routes and error handlers."""
 
 import asyncio
+import collections
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -96,8 +97,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = None
     app.state.metrics = app_metrics
     app.state.streams = 0  # open websocket sessions
+    app.state.streams_by_client = collections.Counter()  # the same, per client (stream.client_of)
     cores = os.cpu_count() or 1
-    app.state.decode_gate = DecodeGate(slots=cores, waiting=settings.max_queue_size)
+    app.state.decode_gate = DecodeGate(
+        slots=cores,
+        waiting=settings.max_queue_size,
+        large_slots=max(1, cores // 2),  # slow files: at most half the cores
+        metrics=app_metrics,
+    )
     errors.install(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
     app.add_middleware(EarlyAdmission)  # overload refused before the body is read

@@ -47,6 +47,8 @@ class ApiKeyAuth:
             return
         key = self._presented(scope)
         if key is not None and self._valid(key):
+            # who the client is, for per-client limits: a digest prefix, never the key itself
+            scope.setdefault("state", {})["client_id"] = "key:" + _digest(key)[:8].hex()
             await self.app(scope, receive, send)
             return
         message = (

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import math
+import threading
 from typing import BinaryIO, Final
 
 import numpy as np
@@ -23,7 +24,13 @@ import soxr
 
 from service.errors import BadAudio, PayloadTooLarge, UnsupportedMediaType
 
-__all__ = ["MAX_SAMPLE_RATE", "MIN_SAMPLE_RATE", "decode_audio", "probe_duration"]
+__all__ = [
+    "MAX_SAMPLE_RATE",
+    "MIN_SAMPLE_RATE",
+    "DecodeStopped",
+    "decode_audio",
+    "probe_duration",
+]
 
 MIN_SAMPLE_RATE: Final = 4000
 """Lowest input sample rate accepted (Hz); below it there is no usable speech band."""
@@ -50,8 +57,17 @@ _SF_COUNT_MAX: Final = 0x7FFF_FFFF_FFFF_FFFF
 _SUPPORTED: Final = "WAV, FLAC, OGG/Vorbis, OGG/Opus, MP3"
 
 
+class DecodeStopped(Exception):
+    """Decoding was stopped by its caller (`stop` was set: the deadline passed)."""
+
+
 def decode_audio(
-    data: bytes | BinaryIO, *, sample_rate: int, max_seconds: float, max_channels: int = 2
+    data: bytes | BinaryIO,
+    *,
+    sample_rate: int,
+    max_seconds: float,
+    max_channels: int = 2,
+    stop: threading.Event | None = None,
 ) -> npt.NDArray[np.float32]:
     """Decode `data` (a whole audio file, as bytes or a seekable binary file) to float32 mono
     at `sample_rate` Hz.
@@ -73,6 +89,7 @@ def decode_audio(
         UnsupportedMediaType: the bytes are in no audio format libsndfile recognises.
         PayloadTooLarge: the audio lasts longer than `max_seconds`.
         ValueError: a non-positive `sample_rate`, `max_seconds` or `max_channels` (a caller bug).
+        DecodeStopped: `stop` was set (checked between blocks, so decoding stops within one).
     """
     if sample_rate <= 0 or max_seconds <= 0 or max_channels < 1:
         raise ValueError(
@@ -90,7 +107,7 @@ def decode_audio(
         if known and header_frames > max_seconds * rate_in:
             raise PayloadTooLarge(_too_long(header_frames / rate_in, max_seconds))
         mono = _read_mono(
-            f, rate_in, channels, max_seconds, sample_rate, header_frames if known else None
+            f, rate_in, channels, max_seconds, sample_rate, header_frames if known else None, stop
         )
     if mono.size == 0:
         raise BadAudio(f"audio is too short: it does not last one sample at {sample_rate} Hz")
@@ -169,6 +186,7 @@ def _read_mono(
     max_seconds: float,
     target_rate: int,
     header_frames: int | None,
+    stop: threading.Event | None = None,
 ) -> npt.NDArray[np.float32]:
     """Read every frame of `f`, averaging channels and resampling block by block.
 
@@ -191,6 +209,8 @@ def _read_mono(
     out = _Samples(math.ceil(expected * target_rate / rate) + 16)
     total = 0
     while True:
+        if stop is not None and stop.is_set():
+            raise DecodeStopped
         try:
             n = int(f.buffer_read_into(buf, dtype="float32"))
         except (sf.SoundFileError, RuntimeError) as exc:

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from service.engine.adapter import ModelAdapter, ModelInfo
+from service.engine.budget import AudioBudget
 from service.engine.pool import WorkerPool
 from service.engine.scheduler import Scheduler
 from service.engine.types import GenerationParams, Job, Transcript, call_soon
@@ -43,6 +44,11 @@ class Engine:
             sampling_rate=self.info.sampling_rate,
             padding_invariant=self.info.padding_invariant,
             length_free=self.info.encode_separately,
+        )
+        self.audio_budget = AudioBudget(
+            settings.max_inflight_audio_seconds,
+            drain_rate=lambda: self.scheduler.throughput,
+            on_change=self.metrics.inflight_audio.set,
         )
         cpu_workers = sum(a.device.type == "cpu" for a in adapters)
         share = (os.cpu_count() or 1) if cpu_workers > 1 and not settings.cpu_threads else 0
@@ -229,6 +235,7 @@ class Engine:
         params: GenerationParams,
         *,
         timeout: float | None = None,
+        deadline: float | None = None,
         client_gone: Callable[[], Awaitable[object]] | None = None,
     ) -> AsyncIterator[Transcript]:
         """Transcribe the windows of one long request; yields their transcripts in order.
@@ -241,7 +248,7 @@ class Engine:
         for room until the deadline. Leaving early (the consumer stops, the client goes, the
         deadline passes) cancels every window still queued or running.
         """
-        deadline = self.deadline(timeout)
+        deadline = deadline or self.deadline(timeout)
         started = time.monotonic()
         gone = asyncio.ensure_future(client_gone()) if client_gone is not None else None
         window = max(1, self.settings.max_batch_size)

@@ -17,6 +17,10 @@ from service.errors import DeadlineExceeded, Overloaded, Unavailable
 
 SIMILAR_LENGTH = 1.5  # a batch's longest clip is at most this times its shortest
 ETA_MARGIN = 1.25  # admit only if the estimated wait, plus a quarter, fits the deadline
+UPLOAD_SHARE = 3
+"""While uploads (priority 0) wait, at least one batch in this many is led by the oldest of them:
+streaming partials and finals outrank uploads, and without a share a few busy sessions kept the
+workers to themselves (an upload waited until its 60 s deadline)."""
 
 
 class Scheduler:
@@ -50,6 +54,7 @@ class Scheduler:
         self._closed = False
         # Throughput estimate (audio seconds per wall second) for the wait-time check.
         self._rate = 0.0
+        self._streak = 0  # batches in a row led by a priority job while an upload waited
 
     # --- producer side (event loop) ---
 
@@ -86,6 +91,16 @@ class Scheduler:
             self._jobs.append(job)
             self._queued_samples += job.samples
             self._cond.notify()
+
+    @property
+    def throughput(self) -> float:
+        """Measured audio seconds per wall second (0 until a batch has run)."""
+        return self._rate
+
+    def drain_eta(self) -> float:
+        """Seconds to work off what is queued now (see `_drain_eta`)."""
+        with self._cond:
+            return self._drain_eta()
 
     def _drain_eta(self) -> float:
         """Seconds to work off the queued audio at the measured rate (1 s when unknown)."""
@@ -146,7 +161,7 @@ class Scheduler:
                 if remaining is not None and remaining <= 0:
                     return []
                 self._cond.wait(remaining)
-            lead = max(self._jobs, key=lambda j: (j.priority, -j.enqueued_at, -j.id))
+            lead = self._lead()
             wait_until = lead.enqueued_at + self.max_wait
             while True:
                 batch = self._compatible(lead)
@@ -159,7 +174,17 @@ class Scheduler:
                     return self.next_batch(None if give_up is None else max(0.0, give_up - now))
             for job in batch:
                 self._remove(job)
+            uploads_waiting = any(j.priority <= 0 for j in self._jobs)
+            self._streak = self._streak + 1 if lead.priority > 0 and uploads_waiting else 0
             return batch
+
+    def _lead(self) -> Job:
+        """The most urgent job, except that uploads get every `UPLOAD_SHARE`-th batch."""
+        if self._streak >= UPLOAD_SHARE - 1:
+            uploads = [j for j in self._jobs if j.priority <= 0]
+            if uploads:
+                return min(uploads, key=lambda j: (j.enqueued_at, j.id))
+        return max(self._jobs, key=lambda j: (j.priority, -j.enqueued_at, -j.id))
 
     def take_more(self, lead: Job, room: int, batch_samples: int) -> list[Job]:
         """Jobs that may join `lead`'s batch while it is still being encoded (length-free

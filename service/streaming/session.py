@@ -16,6 +16,7 @@ which stops reading the socket: TCP flow control slows the client instead of mem
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -38,9 +39,19 @@ log = logging.getLogger(__name__)
 
 Send = Callable[[dict[str, object]], Awaitable[None]]
 
-PARTIAL_PRIORITY = 1  # ahead of uploads (0)
+PARTIAL_PRIORITY = 1  # ahead of uploads (0), which the scheduler still guarantees a share
 FINAL_PRIORITY = 2  # ahead of partials: a final ends a user-visible wait
 MAX_PENDING_FINALS = 4
+# What one session's partials may cost. Each partial re-transcribes the whole open utterance, so
+# without bounds eight sessions at 4x real time with 8 beams and 120 s utterances kept the
+# workers busy with partials alone (issue 22). Partials are greedy (the final uses the session's
+# beams), stop once the open utterance passes MAX_PARTIAL_SECONDS (the final still covers all of
+# it), and the next partial waits PARTIAL_COST_FACTOR times as long as the last one took (queue
+# wait included): a session's partials hold the engine at most about a quarter of the time, and
+# fewer partials are asked for as the service gets busier.
+PARTIAL_NUM_BEAMS = 1
+MAX_PARTIAL_SECONDS = 30.0
+PARTIAL_COST_FACTOR = 3.0
 
 
 class StreamConfig(BaseModel):
@@ -105,6 +116,10 @@ class StreamSession:
         self.utterance = 0  # index of the open (or next) utterance
         self.partial_covered = 0  # stream samples covered by the last partial request
         self.arrivals: collections.deque[tuple[int, float]] = collections.deque(maxlen=4096)
+        self.partial_params = dataclasses.replace(
+            params, num_beams=min(params.num_beams, PARTIAL_NUM_BEAMS)
+        )
+        self.next_partial_at = 0.0  # monotonic time before which no partial is sent
         self.wake = asyncio.Event()
         self.room = asyncio.Event()
         self.ended = False
@@ -173,11 +188,20 @@ class StreamSession:
 
     def _partial_due(self) -> bool:
         seen = self.endpointer.samples_seen
+        start = self.endpointer.open_start
         return (
             self.config.partials
-            and self.endpointer.in_speech
+            and start is not None
             and seen - self.partial_covered >= self.interval
+            and seen / self.rate - start <= MAX_PARTIAL_SECONDS
+            and time.monotonic() >= self.next_partial_at
         )
+
+    def _wake_for_partial(self) -> None:
+        """A partial held back by its cost becomes due without new audio: wake up then."""
+        delay = self.next_partial_at - time.monotonic()
+        if delay > 0:
+            asyncio.get_running_loop().call_later(delay, self.wake.set)
 
     async def _partial(self) -> None:
         index = self.utterance
@@ -186,11 +210,18 @@ class StreamSession:
         start = self.endpointer.open_start
         oldest = next((t for end, t in self.arrivals if end > self.partial_covered), None)
         self.partial_covered = covered
+        asked = time.monotonic()
         try:
-            result = await self.engine.transcribe(audio, self.params, priority=PARTIAL_PRIORITY)
+            result = await self.engine.transcribe(
+                audio, self.partial_params, priority=PARTIAL_PRIORITY
+            )
         except ServiceError as exc:  # a skipped partial is superseded by the next one
             log.debug("partial skipped: %s", exc.message)
             return
+        finally:
+            took = time.monotonic() - asked
+            self.next_partial_at = time.monotonic() + PARTIAL_COST_FACTOR * took
+            self._wake_for_partial()
         if index != self.utterance:  # the utterance ended meanwhile: its final supersedes this
             return
         hypothesis = self.agreement.update(result.text.split())

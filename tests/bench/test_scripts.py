@@ -119,3 +119,20 @@ def test_stream_realtime_sessions_account_for_every_phrase(tmp_path: Path) -> No
     assert float(cells[4]) == pytest.approx(row["completed_p95"], abs=0.0006)
     assert cells[8] == f"{row['equal_to_upload']}/{row['phrases']}"
     assert "target: 16 concurrent real-time Realtime sessions" in stdout
+
+
+def test_attacks_reports_each_attack(tmp_path: Path) -> None:
+    """A small run (2-minute files, 3 long uploads, 2 s of short uploads per attack)."""
+    args = ("--minutes", "2", "--uploads", "3", "--seconds", "2", "--long-timeout", "30")
+    stdout, report = run("bench.attacks", *args, out=tmp_path / "attacks.json")
+    assert len(table_rows(stdout, "none (baseline)")) == 1, stdout
+    assert len(table_rows(stdout, "3 long uploads")) == 1, stdout
+    assert len(table_rows(stdout, "6 slow decodes")) == 1, stdout
+    assert len(table_rows(stdout, "8 greedy streams")) == 1, stdout
+    assert sum(report["long_uploads"]["statuses"].values()) == 3
+    assert report["long_uploads"]["peak_rss_mb"] >= report["long_uploads"]["rss_before_mb"]
+    assert sum(report["slow_decodes"]["slow_statuses"].values()) == 6
+    for name in ("baseline", "slow_decodes", "streams"):
+        assert report[name]["statuses"].get("200", 0) >= 1, report[name]
+        assert report[name]["p50_s"] <= report[name]["p99_s"] <= report[name]["max_s"]
+    assert len(report["streams"]["partials_per_session"]) == 8

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import collections
 import contextlib
 import dataclasses
 import json
@@ -26,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from service.api.observe import facts
+from service.api.routes.stream import client_of
 from service.engine.engine import Engine
 from service.engine.types import GenerationParams
 from service.errors import ServiceError
@@ -655,7 +657,19 @@ async def realtime(websocket: WebSocket) -> None:
             "rate_limit_error",
         )
         return
+    client = client_of(websocket)  # the same per-client share as /v1/audio/stream
+    per_client: collections.Counter[str] = app.state.streams_by_client
+    if per_client[client] >= settings.max_streams_per_client:
+        metrics.rejections.labels(reason="too_many_streams_per_client").inc()
+        await refuse(
+            TRY_AGAIN_LATER,
+            "session_limit",
+            f"at most {settings.max_streams_per_client} streaming sessions per client",
+            "rate_limit_error",
+        )
+        return
     app.state.streams += 1
+    per_client[client] += 1
     metrics.streams_active.inc()
     metrics.streams_opened.inc()
     started = time.monotonic()
@@ -668,6 +682,9 @@ async def realtime(websocket: WebSocket) -> None:
     finally:
         await connection.outbox.stop()
         app.state.streams -= 1
+        per_client[client] -= 1
+        if per_client[client] <= 0:
+            del per_client[client]
         metrics.streams_active.dec()
         metrics.streams_closed.labels(reason=reason).inc()
         log.info(

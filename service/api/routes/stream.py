@@ -6,6 +6,7 @@ configuration handshake, and turning bad client messages into `error` events. Th
 """
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -68,6 +69,16 @@ class _Connection:
                 await self.websocket.close(code, reason)
 
 
+def client_of(websocket: WebSocket) -> str:
+    """Who opened the session, for the per-client limit: the API key it presented (as a digest,
+    set by `ApiKeyAuth`), else its address."""
+    client_id = websocket.scope.get("state", {}).get("client_id")
+    if isinstance(client_id, str):
+        return client_id
+    address = websocket.scope.get("client")
+    return f"addr:{address[0] if address else 'unknown'}"
+
+
 def _query_config(websocket: WebSocket) -> dict[str, object] | None:
     """Configuration from the query string, or None when the client will send a config message."""
     query: dict[str, object] = {
@@ -121,7 +132,20 @@ async def stream(websocket: WebSocket) -> None:
         metrics.rejections.labels(reason="too_many_streams").inc()
         await connection.close(TRY_AGAIN_LATER, f"at most {settings.max_streams} streams")
         return
+    client = client_of(websocket)
+    per_client: collections.Counter[str] = app.state.streams_by_client
+    if per_client[client] >= settings.max_streams_per_client:
+        metrics.rejections.labels(reason="too_many_streams_per_client").inc()
+        with contextlib.suppress(Exception):
+            await connection.error(
+                "too_many_streams", f"at most {settings.max_streams_per_client} streams per client"
+            )
+        await connection.close(
+            TRY_AGAIN_LATER, f"at most {settings.max_streams_per_client} streams per client"
+        )
+        return
     app.state.streams += 1
+    per_client[client] += 1
     metrics.streams_active.inc()
     metrics.streams_opened.inc()
     started = time.monotonic()
@@ -134,6 +158,9 @@ async def stream(websocket: WebSocket) -> None:
         reason = await _serve(websocket, connection, session, engine, settings, metrics, started)
     finally:
         app.state.streams -= 1
+        per_client[client] -= 1
+        if per_client[client] <= 0:
+            del per_client[client]
         metrics.streams_active.dec()
         metrics.streams_closed.labels(reason=reason).inc()
         log.info(
@@ -212,21 +239,34 @@ async def _serve(
     metrics: Metrics,
     started: float,
 ) -> str:
-    """Read client messages until the stream ends; returns the reason it ended."""
+    """Read client messages until the stream ends; returns the reason it ended.
+
+    Three clocks can end it: the session's length, the configuration time (a session must be
+    configured within `stream_config_timeout_s`) and the idle time, which only audio (and the
+    configuration itself) resets: a client sending bad messages holds no slot for long.
+    """
     audio_started = False
+    ends_at = started + settings.max_stream_seconds
+    configure_by = started + settings.stream_config_timeout_s
+    active_at = started
     try:
         while True:
-            remaining = settings.max_stream_seconds - (time.monotonic() - started)
-            if remaining <= 0:
+            now = time.monotonic()
+            if now >= ends_at:
                 raise _Close(POLICY, "the session reached its maximum length")
-            try:
-                message = await asyncio.wait_for(
-                    websocket.receive(), min(remaining, settings.stream_idle_timeout_s)
+            if session is None and now >= configure_by:
+                raise _Close(
+                    POLICY, f"no valid config within {settings.stream_config_timeout_s:g} s"
                 )
+            if now >= active_at + settings.stream_idle_timeout_s:
+                raise _Close(POLICY, "idle timeout: no audio received")
+            limit = min(ends_at, active_at + settings.stream_idle_timeout_s)
+            if session is None:
+                limit = min(limit, configure_by)
+            try:
+                message = await asyncio.wait_for(websocket.receive(), limit - now)
             except TimeoutError:
-                if remaining <= settings.stream_idle_timeout_s:  # the session's time ran out
-                    raise _Close(POLICY, "the session reached its maximum length") from None
-                raise _Close(POLICY, "idle timeout: no message received") from None
+                continue  # the checks above name the clock that ran out
             if message["type"] == "websocket.disconnect":
                 if session is not None:
                     await session.abort()
@@ -243,6 +283,7 @@ async def _serve(
                 try:
                     await session.feed(data)
                     audio_started = True
+                    active_at = time.monotonic()
                 except BadFrame as exc:
                     await connection.error("bad_frame", str(exc))
                 continue
@@ -251,7 +292,7 @@ async def _serve(
                 raise _Close(TOO_BIG, f"message over the {settings.max_frame_bytes}-byte limit")
             try:
                 event = json.loads(text)
-            except ValueError:
+            except (ValueError, RecursionError):  # deep nesting ("[" * 100_000) recurses
                 event = None
             if not isinstance(event, dict):
                 await connection.error("invalid_json", "messages must be JSON objects")
@@ -273,6 +314,8 @@ async def _serve(
                 if fresh is not None:
                     if session is not None:
                         await session.abort()
+                    else:  # configuring is activity once; configuring again is not
+                        active_at = time.monotonic()
                     session = fresh
                 continue
             await connection.error(

@@ -1,16 +1,20 @@
 """`POST /v1/audio/transcriptions` and `/v1/audio/translations`, as the OpenAI API has them."""
 
 import asyncio
+import contextlib
 import json
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from typing import Annotated
 
+import numpy as np
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from service.api import render
 from service.api.deps import EngineDep, SettingsDep
+from service.api.gate import DecodeGate
 from service.api.observe import RequestFacts, facts
 from service.api.schemas import (
     ERROR_RESPONSES,
@@ -19,10 +23,13 @@ from service.api.schemas import (
     TranscriptionVerbose,
 )
 from service.audio import decode_audio
+from service.audio.cost import DecodeEstimate, estimate_decode
+from service.engine.budget import Reservation
 from service.engine.engine import ClientGone, Engine
 from service.engine.types import GenerationParams, Job, Task, Transcript
 from service.errors import (
     BadAudio,
+    DeadlineExceeded,
     InvalidRequest,
     ModelNotFound,
     PayloadTooLarge,
@@ -35,6 +42,15 @@ from service.streaming.detok import IncrementalDetokenizer
 from service.streaming.vad import plan_speech_windows
 
 router = APIRouter(tags=["audio"], responses=ERROR_RESPONSES)
+
+# Below this a sampling temperature or a repetition penalty divides the logits into infinities
+# (1e-45 is 0 in float32, 1e-9 turns a logit of 40 into 4e10 and the softmax into NaN); vLLM
+# draws its line for temperature at the same 0.01. Refused with a 400, never sent to the model.
+MIN_TEMPERATURE = 0.01
+MIN_REPETITION_PENALTY = 0.01
+# Uploads up to this size have their header read on the event loop (Starlette spools them in
+# memory up to 1 MB; a thread hop costs more there, under load, than the read itself).
+INLINE_ESTIMATE_BYTES = 1024 * 1024
 
 _RESPONSES: dict[int | str, dict[str, object]] = {
     200: {
@@ -59,13 +75,15 @@ ModelField = Annotated[str | None, Form(description="Model name (GET /v1/models)
 LanguageField = Annotated[str | None, Form(max_length=32, description="Language (ISO 639-1)")]
 PromptField = Annotated[str | None, Form(description="Context for models that take a prompt")]
 FormatField = Annotated[render.ResponseFormat, Form()]
-TemperatureField = Annotated[float, Form(ge=0, le=2, description="0: greedy; > 0: sampling")]
+TemperatureField = Annotated[
+    float, Form(ge=0, le=2, description="0: greedy; 0.01-2: sampling at that temperature")
+]
 BeamsField = Annotated[int, Form(ge=1, description="Beam width (capped by settings)")]
 SampleField = Annotated[bool, Form(description="Multinomial sampling")]
 TopKField = Annotated[int | None, Form(ge=0, description="Sampling: keep the k best tokens")]
 TopPField = Annotated[float | None, Form(gt=0, le=1, description="Sampling: nucleus mass")]
 MaxTokensField = Annotated[int | None, Form(ge=1, description="Tokens to generate at most")]
-PenaltyField = Annotated[float, Form(gt=0, le=10, description="Repetition penalty")]
+PenaltyField = Annotated[float, Form(gt=0, le=10, description="Repetition penalty (0.01-10)")]
 SeedField = Annotated[int | None, Form(ge=0, le=2**32 - 1, description="Sampling seed")]
 TimeoutField = Annotated[float | None, Form(gt=0, description="Deadline in seconds (capped)")]
 StreamField = Annotated[
@@ -96,6 +114,16 @@ def _params(
         raise InvalidRequest(
             f"max_new_tokens is {max_new_tokens}; the limit is {settings.max_new_tokens}",
             param="max_new_tokens",
+        )
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise InvalidRequest(
+            f"temperature is {temperature:g}: use 0 (greedy) or {MIN_TEMPERATURE} to 2",
+            param="temperature",
+        )
+    if repetition_penalty < MIN_REPETITION_PENALTY:
+        raise InvalidRequest(
+            f"repetition_penalty is {repetition_penalty:g}; the least is {MIN_REPETITION_PENALTY}",
+            param="repetition_penalty",
         )
     if prompt is not None and len(prompt) > settings.max_prompt_chars:
         raise InvalidRequest(
@@ -145,25 +173,110 @@ async def _handle(
     record = facts(request.scope)
     record.response_format = response_format
     engine.adapter.validate(params)
+    # One deadline from here on: waiting for a decode slot, decoding and the engine count.
+    deadline = engine.deadline(timeout)
     # refuse overload before paying for decoding (which would slow the workers further);
     # `EarlyAdmission` did the same before the body was parsed, with the default deadline
-    engine.scheduler.admit(engine.deadline(timeout))
-    started = time.perf_counter()
+    engine.scheduler.admit(deadline)
+    if (file.size or 0) <= INLINE_ESTIMATE_BYTES:  # a header read in memory: no thread hop
+        estimate = estimate_decode(file.file, settings.max_audio_seconds)
+    else:
+        estimate = await asyncio.to_thread(estimate_decode, file.file, settings.max_audio_seconds)
+    reservation = engine.audio_budget.reserve(estimate.seconds, deadline)
     try:
-        async with request.app.state.decode_gate.slot():
+        response = await _decode_and_transcribe(
+            request,
+            engine,
+            settings,
+            task,
+            file,
+            response_format,
+            params,
+            deadline,
+            stream,
+            estimate,
+            reservation,
+        )
+    except BaseException:
+        reservation.release()
+        raise
+    if isinstance(response, StreamingResponse):  # the reservation lasts as long as the stream
+        response.body_iterator = _releasing(response.body_iterator, reservation)
+    else:
+        reservation.release()
+    return response
+
+
+async def _releasing(
+    events: AsyncIterable[str | bytes | memoryview], reservation: Reservation
+) -> AsyncIterator[str | bytes | memoryview]:
+    try:
+        async for event in events:
+            yield event
+    finally:
+        reservation.release()
+
+
+async def _decode(
+    engine: Engine, settings: Settings, file: UploadFile, deadline: float
+) -> np.ndarray:
+    """Decode off the event loop; at the deadline decoding is stopped (within one block)."""
+    stop = threading.Event()
+    decoding = asyncio.ensure_future(
+        asyncio.to_thread(
+            decode_audio,
+            file.file,  # the upload as spooled (to disk when large): never all in memory
+            sample_rate=engine.info.sampling_rate,
+            max_seconds=settings.max_audio_seconds,
+            max_channels=settings.max_channels,
+            stop=stop,
+        )
+    )
+    try:
+        return await asyncio.wait_for(
+            asyncio.shield(decoding), max(0.0, deadline - time.monotonic())
+        )
+    except (TimeoutError, asyncio.CancelledError) as exc:
+        stop.set()
+        with contextlib.suppress(Exception):
+            await decoding  # the slot is held until the thread has really stopped
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+        raise DeadlineExceeded("decoding did not finish within the request's deadline") from None
+
+
+async def _decode_and_transcribe(
+    request: Request,
+    engine: Engine,
+    settings: Settings,
+    task: Task,
+    file: UploadFile,
+    response_format: render.ResponseFormat,
+    params: GenerationParams,
+    deadline: float,
+    stream: bool,
+    estimate: DecodeEstimate,
+    reservation: Reservation,
+) -> Response:
+    record = facts(request.scope)
+    gate: DecodeGate = request.app.state.decode_gate
+    try:
+        async with gate.slot(estimate, deadline):
             started = time.perf_counter()
-            audio = await asyncio.to_thread(
-                decode_audio,
-                file.file,  # the upload as spooled (to disk when large): never all in memory
-                sample_rate=engine.info.sampling_rate,
-                max_seconds=settings.max_audio_seconds,
-                max_channels=settings.max_channels,
-            )
+            audio = await _decode(engine, settings, file, deadline)
+            gate.record(estimate, time.perf_counter() - started)
     except (BadAudio, UnsupportedMediaType, PayloadTooLarge) as exc:
         exc.param = exc.param or "file"
         raise
+    except DeadlineExceeded:
+        engine.metrics.cancellations.labels(reason="deadline").inc()
+        raise
     engine.metrics.observe_stage("decode", time.perf_counter() - started)
+    arrived_at = request.scope.get("state", {}).get("arrived_at")
+    if isinstance(arrived_at, float):
+        gate.record_pre_queue(time.monotonic() - arrived_at)
     duration = len(audio) / engine.info.sampling_rate
+    reservation.resize(duration)
     record.audio_seconds = duration
     rate = engine.info.sampling_rate
     language = params.language or settings.language
@@ -178,7 +291,7 @@ async def _handle(
         results = engine.transcribe_pieces(
             [audio[w.start : w.end] for w in windows],
             params,
-            timeout=timeout,
+            deadline=deadline,
             client_gone=None if stream else lambda: _disconnected(request),
         )
         spans = [(w.speech_start / rate, w.speech_end / rate) for w in windows]
@@ -192,11 +305,11 @@ async def _handle(
             return Response(status_code=499)
     elif stream:
         tokens: asyncio.Queue[int] = asyncio.Queue()
-        job = engine.submit(audio, params, timeout=timeout, tokens=tokens)  # 429/503 as JSON
+        job = engine.submit(audio, params, deadline=deadline, tokens=tokens)  # 429/503 as JSON
         return _event_stream(_token_events(engine, job, tokens, record))
     else:
         try:
-            job = engine.submit(audio, params, timeout=timeout)
+            job = engine.submit(audio, params, deadline=deadline)
             result = await engine.result(job, client_gone=lambda: _disconnected(request))
         except ClientGone:
             return Response(status_code=499)  # nobody reads it; ends the request cleanly
