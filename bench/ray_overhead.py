@@ -12,8 +12,8 @@ the cluster it started). Needs the `ray` extra.
 
 import contextlib
 import os
-import socket
 import re
+import socket
 import subprocess
 import sys
 import time
