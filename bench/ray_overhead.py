@@ -13,6 +13,7 @@ the cluster it started). Needs the `ray` extra.
 import contextlib
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -22,7 +23,7 @@ from pathlib import Path
 import httpx
 
 from bench.common import parser, percentile, write_json
-from bench.serverproc import free_port, proc_status_kb, running_server, scrape
+from bench.serverproc import proc_status_kb, running_server, scrape
 
 SAMPLE = "samples/06-turn-on-the.wav"
 
@@ -42,6 +43,13 @@ def tree_rss_mb(root: int) -> float:
             total += proc_status_kb(pid, "VmRSS")
         stack.extend(children.get(pid, []))
     return total / 1024
+
+
+def free_port() -> int:
+    """A port free now, for Ray's proxy (Ray binds it itself, so it must be named)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 @contextlib.contextmanager

@@ -1,12 +1,12 @@
 """`python -m service` as a child process, for the benchmark, soak and overload scripts.
 
-One place that picks a free port, starts the service with `STT_*` settings, waits for `/ready`,
-reads the child's memory from /proc, and stops it.
+One place that starts the service with `STT_*` settings on a port it binds itself (port 0; the
+port is read from the child's socket in /proc, so no other process can take it in between),
+waits for `/ready`, reads the child's memory from /proc, and stops it.
 """
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,10 +20,26 @@ from prometheus_client.parser import text_string_to_metric_families
 Sample = tuple[str, dict[str, str], float]  # metric name, labels, value
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def bound_port(pid: int) -> int | None:
+    """The local port of the TCP socket process `pid` has bound (None until it has one).
+
+    The service binds its socket first thing, before loading the model; its inode is found
+    among the process's file descriptors and its port in /proc/net/tcp (the same network
+    namespace as ours)."""
+    inodes = set()
+    with contextlib.suppress(OSError):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target.removeprefix("socket:[").removesuffix("]"))
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[9] in inodes:
+                    return int(fields[1].rsplit(":", 1)[1], 16)
+    return None
 
 
 def proc_status_kb(pid: int, field_name: str) -> int:
@@ -46,7 +62,7 @@ def scrape(url: str) -> list[Sample]:
 
 @dataclass
 class Server:
-    """`python -m service` as a child process on a free port."""
+    """`python -m service` as a child process on a port it bound itself."""
 
     proc: subprocess.Popen[bytes]
     url: str
@@ -74,30 +90,32 @@ class Server:
 
 @contextlib.contextmanager
 def running_server(model_dir: Path, env: dict[str, str] | None = None) -> Iterator[Server]:
-    """Start the service on `model_dir` with these `STT_*` settings (loopback, a free port,
-    log level warning unless given) and wait until `/ready` says 200. Stopped on exit."""
-    port = free_port()
+    """Start the service on `model_dir` with these `STT_*` settings (loopback, a port it binds
+    itself, log level warning unless given) and wait until `/ready` says 200. Stopped on exit."""
     full_env = {
         **os.environ,
         "STT_MODEL_DIR": str(model_dir),
         "STT_HOST": "127.0.0.1",
-        "STT_PORT": str(port),
+        "STT_PORT": "0",  # the server binds a free port itself
         "STT_LOG_LEVEL": "warning",
         **(env or {}),
     }
     proc = subprocess.Popen([sys.executable, "-m", "service"], env=full_env)
-    server = Server(proc, f"http://127.0.0.1:{port}")
     try:
         give_up = time.monotonic() + 300
+        port = None
         while True:  # a load generator may poll: nothing here is asserted on timing
             if proc.poll() is not None:
                 raise SystemExit(f"the service exited with {proc.returncode} during start-up")
             if time.monotonic() > give_up:
                 raise SystemExit("the service did not become ready in 300 s")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(server.url + "/ready", timeout=2).status_code == 200:
-                    break
+            port = port or bound_port(proc.pid)
+            if port:
+                with contextlib.suppress(httpx.TransportError):
+                    if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
+                        break
             time.sleep(0.2)
+        server = Server(proc, f"http://127.0.0.1:{port}")
         yield server
     finally:
         if proc.poll() is None:

@@ -16,6 +16,7 @@ import os
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "32")
 
 import argparse
+import asyncio
 import errno
 import logging
 import socket
@@ -23,6 +24,7 @@ import sys
 from collections.abc import Sequence
 
 import uvicorn
+from fastapi import FastAPI
 from pydantic import ValidationError
 from pydantic_settings import CliSettingsSource
 
@@ -115,7 +117,12 @@ def bind(settings: Settings) -> socket.socket:
 
 class _Server(uvicorn.Server):
     """uvicorn on a socket we bound: it logs no address then, so say where we listen (in
-    uvicorn's own words, which scripts and tests read for the port when it was 0)."""
+    uvicorn's own words, which scripts and tests read for the port when it was 0), and drain the
+    engine from the shutdown signal on."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+        super().__init__(config)
+        self.app = app
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
@@ -125,6 +132,19 @@ class _Server(uvicorn.Server):
             logging.getLogger("uvicorn.error").info(
                 "Uvicorn running on http://%s:%d (Press CTRL+C to quit)", shown, port
             )
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """Drain the engine from the signal on, while uvicorn waits for the open requests.
+
+        Queued work may finish within `drain_timeout_s`; what is still queued then is answered
+        503 `unavailable` with Retry-After (`WorkerPool.stop`), so the requests end before
+        uvicorn's own graceful timeout, which would cancel them with a bare 500.
+        """
+        engine = getattr(self.app.state, "engine", None)
+        draining = asyncio.create_task(asyncio.to_thread(engine.stop)) if engine else None
+        await super().shutdown(sockets)
+        if draining is not None:
+            await draining
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -140,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         **uvicorn_options(settings, app.state.metrics),  # head limits, read timeouts
         timeout_graceful_shutdown=int(settings.drain_timeout_s) + 5,
     )
-    server = _Server(config)
+    server = _Server(config, app)
     server.run(sockets=[sock])
     if not server.started:  # start-up failed: the app has logged why (`service.api.app`)
         raise SystemExit(EXIT_CANNOT_START)

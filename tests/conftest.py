@@ -10,6 +10,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -109,15 +110,18 @@ class ServiceProcess:
     """`python -m service` (the README's serve command) as a child process. The server binds a
     free port itself (`--port 0`) and the port is read from its log: no race for the port."""
 
+    module = "service"
+
     def __init__(self, *args: str, **env: str) -> None:
         full_env = {**os.environ, **env}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", "0", *args],
+            [sys.executable, "-m", self.module, "--host", "127.0.0.1", "--port", "0", *args],
             env=full_env,
             stderr=subprocess.PIPE,
             text=True,
         )
         self.log: list[str] = []
+        self._logged = threading.Condition()
         self.port = 0
         assert self.proc.stderr is not None
         for line in self.proc.stderr:  # uvicorn says this once load + warm-up are done
@@ -129,9 +133,28 @@ class ServiceProcess:
         else:
             raise RuntimeError("service exited during start-up:\n" + "".join(self.log))
         # keep draining so a chatty server never blocks on a full pipe
-        threading.Thread(
-            target=lambda: self.log.extend(self.proc.stderr or []), daemon=True
-        ).start()
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        for line in self.proc.stderr or []:
+            with self._logged:
+                self.log.append(line)
+                self._logged.notify_all()
+        with self._logged:
+            self._logged.notify_all()
+
+    def wait_for_log(self, text: str, timeout: float = 60) -> str:
+        """The first log line containing `text`, waiting (on the log, no polling) until it is
+        written; AssertionError if the process exits or `timeout` passes first."""
+        with self._logged:
+            found = self._logged.wait_for(
+                lambda: any(text in line for line in self.log) or self.proc.poll() is not None,
+                timeout,
+            )
+            lines = [line for line in self.log if text in line]
+        assert found, f"{text!r} never logged:\n" + "".join(self.log[-40:])
+        assert lines, f"{text!r} never logged:\n" + "".join(self.log[-40:])
+        return lines[0]
 
     @property
     def url(self) -> str:
@@ -141,6 +164,70 @@ class ServiceProcess:
         """SIGTERM, then the exit status (uvicorn re-raises SIGTERM after a clean shutdown)."""
         self.proc.terminate()
         return self.proc.wait(60)
+
+
+class HeldService(ServiceProcess):
+    """`python -m service` whose workers can be held (`tests/held_service.py`): while held,
+    a worker that takes a batch waits before running it, so queued requests stay queued for
+    as long as a test needs, on any machine, instead of for a `max_wait_ms` window."""
+
+    module = "tests.held_service"
+
+    def __init__(self, hold_file: Path, *args: str, **env: str) -> None:
+        self.hold_file = hold_file
+        root = str(Path(__file__).resolve().parent.parent)  # `tests` importable in the child
+        path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+        super().__init__(*args, **env, SPEECH_TEST_HOLD_FILE=str(hold_file), PYTHONPATH=path)
+
+    def hold(self) -> None:
+        self.hold_file.touch()
+
+    def release(self) -> None:
+        self.hold_file.unlink(missing_ok=True)
+
+
+class WorkerHold:
+    """Holds an in-process engine's workers before their next batch until `release()`:
+    `entered` is set once a worker holds a batch (whose jobs have left the queue)."""
+
+    def __init__(self, engine: Any) -> None:
+        self.pool = engine.pool
+        self.entered = threading.Event()
+        self.released = threading.Event()
+        self.pool.before_batch = self._wait
+
+    def _wait(self, worker: object, jobs: object) -> None:
+        self.entered.set()
+        self.released.wait(60)
+
+    def release(self) -> None:
+        self.released.set()
+        del self.pool.before_batch  # back to the class's hook
+
+
+class QueueHold:
+    """Keeps an in-process engine's idle workers from taking work until `release()`: each
+    waits before asking the scheduler for a batch, so uploads sent meanwhile all queue and
+    then form one batch together (up to `max_batch_size`), however long they took to arrive.
+    `parked` is set once a worker waits outside the queue (it can no longer be inside it)."""
+
+    def __init__(self, engine: Any) -> None:
+        self.scheduler = engine.scheduler
+        self.parked = threading.Event()
+        self.released = threading.Event()
+        take = self.scheduler.next_batch
+
+        def held(timeout: float | None = None) -> Any:
+            self.parked.set()
+            self.released.wait(60)
+            return take(timeout)
+
+        self.scheduler.next_batch = held
+
+    def release(self) -> None:
+        if not self.released.is_set():
+            del self.scheduler.next_batch  # back to the class's method
+            self.released.set()
 
 
 CLEAN_EXIT = (0, -signal.SIGTERM)

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from websockets.asyncio.client import connect
 
-from service.__main__ import parser_and_source, settings_from
+from service.__main__ import EXIT_CANNOT_START, parser_and_source, settings_from
 from service.settings import Settings
 from tests.conftest import CLEAN_EXIT, ServiceProcess
 
@@ -104,27 +104,36 @@ def test_bad_checkpoint_is_one_line_and_a_traceback_only_in_debug(tmp_path: Path
 
 
 def test_serves_on_the_port_the_flag_names() -> None:
-    with socket.socket() as probe:  # a port that is free now; the server binds it itself
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    proc = subprocess.Popen(
-        [*SERVE, "--host", "127.0.0.1", "--port", str(port), "--cpu-workers", "1"],
-        env={**os.environ, "STT_PORT": "1"},  # the flag wins over the environment
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            if "Uvicorn running on" in line:
-                assert f"127.0.0.1:{port}" in line
-                break
-        else:
-            pytest.fail("the server never started")
-        assert httpx.get(f"http://127.0.0.1:{port}/ready", timeout=30).status_code == 200
-    finally:
-        proc.terminate()
-        assert proc.wait(60) in CLEAN_EXIT
+    # The port must be a number chosen here, so it is only free when chosen: if another
+    # process takes it first, the server says so (see above) and the test picks another.
+    for _ in range(3):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        proc = subprocess.Popen(
+            [*SERVE, "--host", "127.0.0.1", "--port", str(port), "--cpu-workers", "1"],
+            env={**os.environ, "STT_PORT": "1"},  # the flag wins over the environment
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert proc.stderr is not None
+            log = []
+            for line in proc.stderr:
+                log.append(line)
+                if "Uvicorn running on" in line:
+                    assert f"127.0.0.1:{port}" in line
+                    break
+            else:
+                if "already in use" in "".join(log):
+                    continue  # taken in the meantime: another port
+                pytest.fail("the server never started:\n" + "".join(log))
+            assert httpx.get(f"http://127.0.0.1:{port}/ready", timeout=30).status_code == 200
+            return
+        finally:
+            proc.terminate()
+            assert proc.wait(60) in (*CLEAN_EXIT, EXIT_CANNOT_START)
+    pytest.fail("three free ports were taken before the server could bind them")
 
 
 async def _use_with_key(url: str, speech_wav: bytes) -> None:

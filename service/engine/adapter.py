@@ -185,9 +185,22 @@ class ModelAdapter:
     """A loaded checkpoint on one device: features → generate → detokenize."""
 
     def __init__(
-        self, model_dir: Path, name: str, device: str = "cpu", dtype: str = "auto"
+        self,
+        model_dir: Path,
+        name: str,
+        device: str = "cpu",
+        dtype: str = "auto",
+        *,
+        encode_separately: bool | None = None,
     ) -> None:
+        """Load the checkpoint onto `device` as `dtype` (`auto`: float16 on CUDA, else float32).
+
+        `encode_separately` overrides the encoder path where the checkpoint allows both:
+        None (the service's choice) decides by device and padding invariance; False runs the
+        encoder on the padded batch, as on CUDA, so that CPU-only tests exercise that path.
+        """
         self.model_dir = model_dir
+        self._encode_separately_override = encode_separately
         self.device = torch.device(device)
         self.dtype = self._dtype(dtype, self.device)
         config_file = model_dir / "config.json"
@@ -392,7 +405,11 @@ class ModelAdapter:
             # wav2vec2-style encoder + decoder on CPU, or any encoder whose output padding would
             # change: encode each row alone, batch the decoder (see `_encode_separately`)
             encode_separately=config.model_type == "speech-encoder-decoder"
-            and (self.device.type == "cpu" or not invariant),
+            and (
+                (self.device.type == "cpu" or not invariant)
+                if self._encode_separately_override is None
+                else self._encode_separately_override
+            ),
             can_translate=self.whisper.can_translate if self.whisper else bool(lang_codes),
             max_input_seconds=self.whisper.max_input_seconds if self.whisper else None,
         )

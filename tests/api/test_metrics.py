@@ -13,7 +13,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.api.app import create_app
 from service.metrics import Metrics
-from tests.conftest import CLEAN_EXIT, LiveServer, ServiceProcess, encode, settings_for, speak
+from tests.conftest import (
+    CLEAN_EXIT,
+    LiveServer,
+    ServiceProcess,
+    WorkerHold,
+    encode,
+    settings_for,
+    speak,
+)
 
 TRANSCRIBE = "/v1/audio/transcriptions"
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -135,33 +143,48 @@ def test_bad_requests_count_as_rejections_by_reason(tiny_server: LiveServer) -> 
 def test_overload_and_cancellations_are_counted(
     checkpoints: dict[str, Path], speech_wav: bytes
 ) -> None:
-    # One queue slot; a lone request waits up to 1 s for company before it runs.
-    settings = settings_for(checkpoints["wav2vec2-bert"], max_queue_size=1, max_wait_ms=1000)
+    # One queue slot, one worker taking one request at a time, held (`WorkerHold`) while the
+    # queue is full, while a request's deadline passes and while a client leaves.
+    settings = settings_for(
+        checkpoints["wav2vec2-bert"], max_queue_size=1, max_batch_size=1, cpu_workers=1
+    )
     with LiveServer(create_app(settings)) as server:
-        url = server.url + TRANSCRIBE
+        files = {"file": ("a.wav", speech_wav)}
         _, before = scrape(server)
 
-        async def scenario() -> tuple[int, int]:
-            async with httpx.AsyncClient(timeout=60) as client:
-                first = asyncio.create_task(client.post(url, files={"file": ("a.wav", speech_wav)}))
-                deadline = time.monotonic() + 30
-                while (await client.get(server.url + "/ready")).json()["queued"] != 1:
-                    assert time.monotonic() < deadline
-                second = await client.post(url, files={"file": ("a.wav", speech_wav)})
-                return (await first).status_code, second.status_code
+        async def queued(client: httpx.AsyncClient, count: int) -> None:
+            deadline = time.monotonic() + 60
+            while (await client.get("/ready")).json()["queued"] != count:
+                assert time.monotonic() < deadline, f"the queue never held {count}"
+                await asyncio.sleep(0.02)
 
-        assert asyncio.run(scenario()) == (200, 429)
-        late = httpx.post(url, files={"file": ("a.wav", speech_wav)}, data={"timeout": "0.3"})
-        assert late.status_code == 504
-        with pytest.raises(httpx.ReadTimeout):  # the client leaves while its request waits
-            httpx.post(url, files={"file": ("a.wav", speech_wav)}, timeout=0.3)
-        deadline = time.monotonic() + 10
-        while True:
-            _, after = scrape(server)
-            if delta(before, after, "stt_cancellations_total", reason="client_gone") or (
-                time.monotonic() > deadline
-            ):
-                break
+        async def client_gone_counted() -> Samples:
+            deadline = time.monotonic() + 30
+            while True:  # the server notices the departed client on its own time
+                _, after = await asyncio.to_thread(scrape, server)
+                if delta(before, after, "stt_cancellations_total", reason="client_gone"):
+                    return after
+                assert time.monotonic() < deadline, "the departed client was never counted"
+                await asyncio.sleep(0.05)
+
+        async def scenario() -> list[int]:
+            hold = WorkerHold(server.app.state.engine)
+            async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+                running = asyncio.create_task(client.post(TRANSCRIBE, files=files))
+                assert await asyncio.to_thread(hold.entered.wait, 60)  # the worker has it
+                late = await client.post(TRANSCRIBE, files=files, data={"timeout": "0.3"})
+                with pytest.raises(httpx.ReadTimeout):  # the client leaves while it waits
+                    await client.post(TRANSCRIBE, files=files, timeout=0.3)
+                await client_gone_counted()
+                await queued(client, 0)  # it left the queue
+                waiting = asyncio.create_task(client.post(TRANSCRIBE, files=files))
+                await queued(client, 1)
+                full = await client.post(TRANSCRIBE, files=files)
+                hold.release()
+                return [r.status_code for r in (await running, late, full, await waiting)]
+
+        assert asyncio.run(scenario()) == [200, 504, 429, 200]
+        _, after = scrape(server)
         assert delta(before, after, "stt_rejections_total", reason="queue_full") == 1
         assert delta(before, after, "stt_cancellations_total", reason="deadline") == 1
         assert delta(before, after, "stt_cancellations_total", reason="client_gone") == 1

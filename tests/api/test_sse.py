@@ -1,15 +1,19 @@
 """`stream=true` uploads: Server-Sent Events in OpenAI's shape, read by the official client."""
 
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from openai import OpenAI
+from transformers import AutoTokenizer, SpeechEncoderDecoderModel
 
 from service.api.app import create_app
 from service.settings import DEFAULT_MODEL_DIR, Settings
+from tests.checkpoints import byte_symbols
 from tests.conftest import LiveServer, settings_for
 
 TRANSCRIBE = "/v1/audio/transcriptions"
@@ -54,8 +58,6 @@ def test_official_client_streams_deltas_then_the_text(bundled_server: LiveServer
 def test_deltas_add_up_to_the_unstreamed_transcript(
     kind: str, checkpoints: dict[str, Path], speech_wav: bytes
 ) -> None:
-    # random-weight decoders emit arbitrary tokens: byte-level BPE pieces of multi-byte
-    # characters included, which deltas must never split
     with LiveServer(create_app(settings_for(checkpoints[kind]))) as server:
         plain = httpx.post(server.url + TRANSCRIBE, files={"file": ("a.wav", speech_wav)})
         streamed = events(server, speech_wav)
@@ -70,9 +72,71 @@ def test_deltas_add_up_to_the_unstreamed_transcript(
     }
     deltas = [e["delta"] for e in streamed if e["type"] == "transcript.text.delta"]
     assert "".join(deltas) == text  # type: ignore[arg-type]
-    assert all("\ufffd" not in d for d in deltas) or "\ufffd" in text  # type: ignore[operator]
     assert beams[-1]["type"] == "transcript.text.done"
     assert beams[-1]["text"] == plain_beams.json()["text"]
+
+
+# Characters of 2, 3 and 4 UTF-8 bytes between ASCII letters; each byte is its own token.
+MULTIBYTE = "éa€b🎉c"
+
+
+def spelling_checkpoint(src: Path, out: Path) -> list[int]:
+    """A copy of the tiny HuBERT + GPT-2 checkpoint whose decoder writes `MULTIBYTE` one byte
+    token at a time, whatever the audio; returns those token ids.
+
+    The decoder is a real GPT-2 run by the real service, with weights set so that its output
+    is known: attention, cross-attention and MLP outputs are zeroed and positions carry
+    nothing, so the last hidden state is the layer norm of the current token's embedding; each
+    token on the path embeds as its own unit vector, and the output projection maps that
+    vector to the next token of the path.
+    """
+    model = SpeechEncoderDecoderModel.from_pretrained(src)
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    vocab = tokenizer.get_vocab()
+    path = [vocab[byte_symbols()[byte]] for byte in MULTIBYTE.encode()]
+    states = [model.generation_config.decoder_start_token_id, *path]
+    decoder = model.decoder
+    assert len(states) <= decoder.config.n_embd
+    with torch.no_grad():
+        for name, weights in decoder.transformer.named_parameters():
+            if name.split(".")[-2] == "c_proj":
+                weights.zero_()
+        decoder.transformer.wpe.weight.zero_()
+        embed = decoder.transformer.wte.weight
+        head = decoder.get_output_embeddings().weight
+        embed.zero_()
+        head.zero_()
+        for state, token in enumerate(states[:-1]):
+            embed[token, state] = 1.0
+            head[states[state + 1], state] = 1.0
+    model.generation_config.max_new_tokens = len(path)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    shutil.copy(src / "preprocessor_config.json", out)
+    return path
+
+
+def test_deltas_never_split_a_multi_byte_character(
+    checkpoints: dict[str, Path], speech_wav: bytes, tmp_path: Path
+) -> None:
+    path = spelling_checkpoint(checkpoints["hubert-gpt2"], tmp_path / "spelling")
+    assert len(path) == len(MULTIBYTE.encode()) > len(MULTIBYTE)
+    with LiveServer(create_app(settings_for(tmp_path / "spelling"))) as server:
+        verbose = httpx.post(
+            server.url + TRANSCRIBE,
+            files={"file": ("a.wav", speech_wav)},
+            data={"response_format": "verbose_json"},
+            timeout=60,
+        ).json()
+        streamed = events(server, speech_wav)
+    assert verbose["segments"][0]["tokens"] == path  # é, € and 🎉 arrive in 2, 3, 4 tokens
+    assert verbose["text"] == MULTIBYTE
+    deltas = [e["delta"] for e in streamed if e["type"] == "transcript.text.delta"]
+    assert streamed[-1]["type"] == "transcript.text.done"
+    assert streamed[-1]["text"] == MULTIBYTE
+    assert "".join(deltas) == MULTIBYTE  # type: ignore[arg-type]
+    assert not any("\ufffd" in d for d in deltas), deltas  # type: ignore[operator]
+    assert len(deltas) >= len(MULTIBYTE) - 1, deltas  # as generated, not one lump at the end
 
 
 def test_stream_errors_before_the_stream_are_json(bundled_server: LiveServer) -> None:

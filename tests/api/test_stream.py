@@ -242,6 +242,7 @@ def test_stream_limit_idle_timeout_and_departure(checkpoints: dict[str, Path]) -
             if 'stt_streams_closed_total{reason="client_gone"} 1.0' in text:
                 break
             assert time.monotonic() < deadline, text
+            time.sleep(0.05)
         assert "stt_streams_active 0.0" in text
         assert 'stt_streams_closed_total{reason="timeout"} 1.0' in text
         assert 'stt_rejections_total{reason="too_many_streams"} 1.0' in text

@@ -242,7 +242,7 @@ def test_requests_arriving_while_a_batch_encodes_join_its_decoder_steps(engine_f
         await asyncio.to_thread(encoding.wait, 30)
         rest = [asyncio.create_task(engine.transcribe(a, PARAMS)) for a in audio[1:]]
         while engine.scheduler.depth < 3:
-            await asyncio.sleep(0)
+            await asyncio.sleep(0.01)
         release.set()
         return alone, [await first, *[await r for r in rest]]
 

@@ -560,6 +560,7 @@ def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 15) -> N
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline, what
+        time.sleep(0.05)
 
 
 @pytest.mark.parametrize("how", ["close", "abort"])

@@ -2,9 +2,11 @@
 that no accepted request is left without an answer and that the next request is served.
 
 (a)-(d) run on a live in-thread server (tiny wav2vec2 + BERT checkpoint, one worker, batches of
-up to four that wait up to a second for company, so four concurrent uploads share one batch);
+up to four; the worker is kept from the queue until four concurrent uploads are all queued
+(`QueueHold`), so they share one batch however slowly they arrive);
 the fault is injected into the worker's `adapter.transcribe`, as `tests/engine/test_engine.py`
-does. (e) is SIGTERM to a real `python -m service` under load with streaming sessions open.
+does. (e) is SIGTERM to a real `python -m service` under load with streaming sessions open, its
+worker held (`tests/held_service.py`) so that the uploads are queued when the signal arrives.
 """
 
 import asyncio
@@ -28,7 +30,15 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from service.api.app import create_app
-from tests.conftest import CLEAN_EXIT, LiveServer, ServiceProcess, encode, settings_for, speak
+from tests.conftest import (
+    CLEAN_EXIT,
+    HeldService,
+    LiveServer,
+    QueueHold,
+    encode,
+    settings_for,
+    speak,
+)
 
 TRANSCRIBE = "/v1/audio/transcriptions"
 RATE = 16_000  # the tiny checkpoint's rate: a 16 kHz upload decodes to exactly its samples
@@ -58,21 +68,37 @@ def metric(server: LiveServer, name: str, **labels: str) -> float:
 
 
 def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 30) -> None:
+    """Poll `predicate` (a scrape: cheap, but not free) every 50 ms until true or timeout."""
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline, what
+        time.sleep(0.05)
 
 
 def post_all(server: LiveServer, bodies: list[bytes]) -> list[httpx.Response]:
-    """Upload every body at once (each its own connection); every response, in order."""
+    """Upload every body at once (each its own connection), as one batch: the worker is kept
+    from the queue (`QueueHold`) until all are queued. Every response, in order."""
+    engine = server.app.state.engine
+    hold = QueueHold(engine)
+    assert hold.parked.wait(30), "the worker never came back for work"
 
     async def run() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
-            return await asyncio.gather(
-                *(client.post(TRANSCRIBE, files={"file": ("a.wav", b)}) for b in bodies)
-            )
+            posts = [
+                asyncio.create_task(client.post(TRANSCRIBE, files={"file": ("a.wav", b)}))
+                for b in bodies
+            ]
+            deadline = time.monotonic() + 60
+            while engine.scheduler.depth < len(bodies):
+                assert time.monotonic() < deadline, "the uploads never queued"
+                await asyncio.sleep(0.02)
+            hold.release()
+            return list(await asyncio.gather(*posts))
 
-    return asyncio.run(run())
+    try:
+        return asyncio.run(run())
+    finally:
+        hold.release()
 
 
 def assert_serves(server: LiveServer, body: bytes) -> None:
@@ -331,42 +357,47 @@ async def read_to_close(ws: ClientConnection, events: list[dict[str, Any]]) -> i
 
 
 def test_sigterm_under_load_answers_accepted_requests_and_closes_streams_cleanly(
-    checkpoints: dict[str, Path],
+    checkpoints: dict[str, Path], tmp_path: Path
 ) -> None:
-    # SIGTERM with 32 uploads queued and two streaming sessions open (each mid-utterance):
-    # uvicorn stops accepting connections, closes the sessions with 1012 (service restart)
-    # after the finals they had, lets every accepted upload finish (200), then the engine
-    # drains and the process exits cleanly. Uploads sent after the signal are refused at
-    # connect (or 503 with Retry-After), never hung or failed with a 5xx.
-    service = ServiceProcess(
+    # SIGTERM with 32 uploads accepted (the worker holds one, 31 wait in the queue) and two
+    # streaming sessions open (each mid-utterance): uvicorn stops accepting connections, closes
+    # the sessions with 1012 (service restart) after the finals they had, lets every accepted
+    # upload finish (200), then the engine drains and the process exits cleanly. Uploads sent
+    # after the signal are refused at connect (or 503 with Retry-After), never hung or failed
+    # with a 5xx. The worker is held (`HeldService`) until the sessions are closed, so the
+    # uploads are still queued when the signal arrives, however slow the machine.
+    service = HeldService(
+        tmp_path / "hold",
         STT_MODEL_DIR=str(checkpoints["wav2vec2-bert"]),
         STT_CPU_WORKERS="1",
-        STT_MAX_WAIT_MS="1000",
-        STT_MAX_BATCH_SIZE="64",
+        STT_MAX_BATCH_SIZE="1",
     )
     url = service.url
     ws_url = url.replace("http://", "ws://") + "/v1/audio/stream"
     body = clip("call home", 24_000)
-    queued = 32
+    accepted_count = 32
 
     async def scenario() -> tuple[list[int], list[object], list[tuple[int | None, list[Any]]]]:
         sessions = [await open_session(ws_url) for _ in range(2)]
-        limits = httpx.Limits(max_connections=queued + 16)
+        limits = httpx.Limits(max_connections=accepted_count + 16)
         async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+            service.hold()
             accepted = [
                 asyncio.create_task(client.post(TRANSCRIBE, files={"file": ("a.wav", body)}))
-                for _ in range(queued)
+                for _ in range(accepted_count)
             ]
-            # the batch's first request waits up to 1 s for company: stop while all wait
-            deadline = time.monotonic() + 30
-            while (await client.get("/ready")).json().get("queued", 0) < queued:
+            deadline = time.monotonic() + 60
+            while (await client.get("/ready")).json().get("queued", 0) < accepted_count - 1:
                 assert time.monotonic() < deadline, "the uploads never queued"
+                await asyncio.sleep(0.05)
             os.kill(service.proc.pid, signal.SIGTERM)
-            closes = [read_to_close(ws, events) for ws, events in sessions]
+            codes = await asyncio.gather(*(read_to_close(ws, events) for ws, events in sessions))
+            # the server is shutting down (it closed the sessions): late uploads now, then the
+            # queued work may run
             late = [client.post(TRANSCRIBE, files={"file": ("a.wav", body)}) for _ in range(8)]
-            answers = await asyncio.gather(*accepted)
             late_answers = await asyncio.gather(*late, return_exceptions=True)
-            codes = await asyncio.gather(*closes)
+            service.release()
+            answers = await asyncio.gather(*accepted)
         return (
             [r.status_code for r in answers],
             list(late_answers),
@@ -379,7 +410,7 @@ def test_sigterm_under_load_answers_accepted_requests_and_closes_streams_cleanly
     finally:
         service.proc.kill()
 
-    assert statuses == [200] * queued  # every accepted upload was answered
+    assert statuses == [200] * accepted_count  # every accepted upload was answered
     for answer in late:  # after the signal: refused, never hung or failed
         if isinstance(answer, httpx.Response):
             assert answer.status_code == 503, answer.text
