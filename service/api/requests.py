@@ -18,8 +18,9 @@ from fastapi import Depends, Request, UploadFile
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from starlette.datastructures import UploadFile as StarletteUploadFile
 
+from service.engine.engine import Engine
 from service.engine.types import GenerationParams, Task
-from service.errors import InvalidRequest, Unsupported
+from service.errors import InvalidRequest, ModelNotFound, Unsupported
 from service.languages import normalize_language
 from service.settings import Settings
 
@@ -152,22 +153,12 @@ class TranscriptionRequest(BaseModel):
 
     def to_params(self, settings: Settings, default_max_new_tokens: int) -> GenerationParams:
         """The decoding parameters, checked against the service's caps."""
-        if self.num_beams > settings.max_num_beams:
-            raise InvalidRequest(
-                f"num_beams is {self.num_beams}; the limit is {settings.max_num_beams}",
-                param="num_beams",
-            )
-        if self.max_new_tokens is not None and self.max_new_tokens > settings.max_new_tokens:
-            raise InvalidRequest(
-                f"max_new_tokens is {self.max_new_tokens}; the limit is {settings.max_new_tokens}",
-                param="max_new_tokens",
-            )
-        if self.prompt is not None and len(self.prompt) > settings.max_prompt_chars:
-            raise InvalidRequest(
-                f"prompt is {len(self.prompt)} characters; the limit is "
-                f"{settings.max_prompt_chars}",
-                param="prompt",
-            )
+        check_caps(
+            settings,
+            num_beams=self.num_beams,
+            max_new_tokens=self.max_new_tokens,
+            prompt=self.prompt,
+        )
         sample = self.do_sample or self.temperature > 0
         language = self.language or ("en" if self.task == "translate" else None)
         return GenerationParams(
@@ -183,6 +174,50 @@ class TranscriptionRequest(BaseModel):
             repetition_penalty=self.repetition_penalty,
             seed=self.seed,
             prompt=self.prompt or None,
+        )
+
+
+def check_caps(
+    settings: Settings, *, num_beams: int, max_new_tokens: int | None, prompt: str | None = None
+) -> None:
+    """The service's caps on decoding, for uploads and streaming sessions alike (400 naming
+    the field)."""
+    if num_beams > settings.max_num_beams:
+        raise InvalidRequest(
+            f"num_beams is {num_beams}; the limit is {settings.max_num_beams}", param="num_beams"
+        )
+    if max_new_tokens is not None and max_new_tokens > settings.max_new_tokens:
+        raise InvalidRequest(
+            f"max_new_tokens is {max_new_tokens}; the limit is {settings.max_new_tokens}",
+            param="max_new_tokens",
+        )
+    if prompt is not None and len(prompt) > settings.max_prompt_chars:
+        raise InvalidRequest(
+            f"prompt is {len(prompt)} characters; the limit is {settings.max_prompt_chars}",
+            param="prompt",
+        )
+
+
+def check_model(
+    engine: Engine, settings: Settings, model: str | None, language: str | None, prompt: str | None
+) -> None:
+    """The named model must be the served one; a language the model cannot use and a prompt
+    it cannot take are refused. Uploads and streaming sessions alike."""
+    if model is not None and model not in (settings.served_name, *settings.model_aliases):
+        raise ModelNotFound(
+            f"model {model!r} is not loaded; GET /v1/models lists what is", param="model"
+        )
+    if language and not engine.info.can_translate and language != settings.language:
+        # no language tokens: the model speaks only its own language (STT_LANGUAGE)
+        raise Unsupported(
+            f"model {engine.info.name} transcribes {settings.language!r} only; it has no "
+            f"language tokens to force {language!r}",
+            param="language",
+        )
+    if prompt and engine.info.architecture != "whisper":
+        raise Unsupported(
+            f"model {engine.info.name} ({engine.info.architecture}) takes no prompt",
+            param="prompt",
         )
 
 

@@ -25,11 +25,12 @@ from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from service.engine.engine import Engine
 from service.engine.types import GenerationParams, Transcript
 from service.errors import Overloaded, ServiceError, error_event
+from service.languages import normalize_language
 from service.metrics import Metrics
 from service.streaming.agreement import Hypothesis, LocalAgreement
 from service.streaming.endpoint import Endpointer, Utterance
@@ -79,6 +80,12 @@ class StreamConfig(BaseModel):
     vad_threshold: float = Field(
         0.5, ge=0, le=1, description="Silero speech probability that starts speech"
     )
+
+    @field_validator("language")
+    @classmethod
+    def _iso_639_1(cls, value: str | None) -> str | None:
+        """The same rule as an upload's `language`: an ISO 639-1 code or an English name."""
+        return normalize_language(value) if value else None
 
 
 def utterance_seconds(config: StreamConfig, engine: Engine) -> float:

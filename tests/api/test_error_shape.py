@@ -62,3 +62,55 @@ def test_every_refusal_has_the_same_shape(checkpoints: dict[str, object]) -> Non
                         assert event["error"]["param"] == "num_beams"
 
         asyncio.run(bad_messages())
+
+
+def test_stream_config_is_checked_like_the_upload_form(
+    checkpoints: dict[str, object], speech_wav: bytes
+) -> None:
+    """The same values are refused with the same message and `param` on both transports."""
+    settings = settings_for(
+        checkpoints["wav2vec2-bert"],  # type: ignore[arg-type]
+        max_num_beams=2,
+        max_new_tokens=20,
+        cpu_workers=1,
+    )
+    cases = [
+        {"num_beams": 3},
+        {"max_new_tokens": 21},
+        {"language": "hh"},
+        {"language": "german"},  # a real language this model has no token for
+        {"model": "not-loaded"},
+    ]
+    with LiveServer(create_app(settings)) as server, httpx.Client(base_url=server.url) as client:
+        uploads = [
+            client.post(
+                "/v1/audio/transcriptions",
+                files={"file": ("a.wav", speech_wav)},
+                data={k: str(v) for k, v in case.items()},
+            ).json()["error"]
+            for case in cases
+        ]
+
+        async def configs() -> list[dict[str, object]]:
+            errors = []
+            async with connect(server.url.replace("http", "ws") + "/v1/audio/stream") as ws:
+                for case in cases:
+                    await ws.send(json.dumps({"type": "config", **case}))
+                    event = json.loads(await ws.recv())
+                    assert event["type"] == "error", event
+                    errors.append(event["error"])
+                await ws.send(json.dumps({"type": "config", "language": "English"}))
+                created = json.loads(await ws.recv())
+                assert created["type"] == "session.created"
+                assert created["config"]["language"] == "en"  # names map as on uploads
+            return errors
+
+        streamed = asyncio.run(configs())
+    for case, upload, stream in zip(cases, uploads, streamed, strict=True):
+        assert stream["code"] == "invalid_config", case
+        assert stream["param"] == upload["param"] == next(iter(case)), (case, upload, stream)
+        assert stream["message"].endswith(upload["message"].split(": ", 1)[-1]), (
+            case,
+            upload,
+            stream,
+        )

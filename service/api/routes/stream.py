@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from service.api.observe import facts
+from service.api.requests import check_caps, check_model
 from service.engine.engine import Engine
 from service.engine.types import GenerationParams
 from service.errors import InvalidRequest, ServiceError, error_event
@@ -88,22 +89,15 @@ def _query_config(websocket: WebSocket) -> dict[str, object] | None:
 
 
 def _params(config: StreamConfig, engine: Engine, settings: Settings) -> GenerationParams:
-    if config.num_beams > settings.max_num_beams:
-        raise ValueError(f"num_beams is {config.num_beams}; the limit is {settings.max_num_beams}")
-    if config.max_new_tokens is not None and config.max_new_tokens > settings.max_new_tokens:
-        raise ValueError(
-            f"max_new_tokens is {config.max_new_tokens}; the limit is {settings.max_new_tokens}"
-        )
+    """The session's decoding parameters, checked by the same code and caps as an upload's."""
+    check_caps(settings, num_beams=config.num_beams, max_new_tokens=config.max_new_tokens)
+    check_model(engine, settings, config.model, config.language, None)
     if config.max_utterance_seconds > settings.max_audio_seconds:
-        raise ValueError(
+        raise InvalidRequest(
             f"max_utterance_seconds is {config.max_utterance_seconds:g}; the limit is "
-            f"{settings.max_audio_seconds:g}"
+            f"{settings.max_audio_seconds:g}",
+            param="max_utterance_seconds",
         )
-    if config.model is not None and config.model not in (
-        settings.served_name,
-        *settings.model_aliases,
-    ):
-        raise ValueError(f"model {config.model!r} is not loaded")
     params = GenerationParams(
         task=config.task,
         language=config.language,

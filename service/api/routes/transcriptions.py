@@ -22,6 +22,7 @@ from service.api.requests import (
     TranscriptionForm,
     TranscriptionRequest,
     TranslationForm,
+    check_model,
     request_body_schema,
 )
 from service.api.schemas import (
@@ -40,10 +41,8 @@ from service.errors import (
     BadAudio,
     DeadlineExceeded,
     InvalidRequest,
-    ModelNotFound,
     PayloadTooLarge,
     ServiceError,
-    Unsupported,
     UnsupportedMediaType,
     error_event,
 )
@@ -79,27 +78,6 @@ _RESPONSES: dict[int | str, dict[str, object]] = {
         },
     }
 }
-
-
-def _check_model(engine: Engine, settings: Settings, body: TranscriptionRequest) -> None:
-    """The named model must be the served one; a language the model cannot use is refused."""
-    if body.model is not None and body.model not in (settings.served_name, *settings.model_aliases):
-        raise ModelNotFound(
-            f"model {body.model!r} is not loaded; GET /v1/models lists what is", param="model"
-        )
-    language = body.language
-    if language and not engine.info.can_translate and language != settings.language:
-        # no language tokens: the model speaks only its own language (STT_LANGUAGE)
-        raise Unsupported(
-            f"model {engine.info.name} transcribes {settings.language!r} only; it has no "
-            f"language tokens to force {language!r}",
-            param="language",
-        )
-    if body.prompt and engine.info.architecture != "whisper":
-        raise Unsupported(
-            f"model {engine.info.name} ({engine.info.architecture}) takes no prompt",
-            param="prompt",
-        )
 
 
 async def _disconnected(request: Request) -> None:
@@ -184,7 +162,7 @@ async def _handle(
             f"{MIN_REPETITION_PENALTY}",
             param="repetition_penalty",
         )
-    _check_model(engine, settings, body)
+    check_model(engine, settings, body.model, body.language, body.prompt)
     if body.words:
         params = dataclasses.replace(params, words=True)
     record = facts(request.scope)
