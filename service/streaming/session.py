@@ -27,6 +27,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from service.audio.windows import has_speech
 from service.engine.engine import Engine
 from service.engine.types import GenerationParams, Transcript
 from service.errors import Overloaded, ServiceError, error_event
@@ -224,6 +225,8 @@ class StreamSession:
         start = self.endpointer.open_start
         oldest = next((t for end, t in self.arrivals if end > self.partial_covered), None)
         self.partial_covered = covered
+        if not has_speech(audio, self.rate):  # nothing to say yet: no model call, no partial
+            return
         asked = time.monotonic()
         try:
             result = await self.engine.transcribe(
@@ -289,7 +292,19 @@ class StreamSession:
         await self.send(error_event(exc, self.request_id, utterance=index))
 
     async def _transcribe_final(self, utterance: Utterance) -> Transcript:
-        """A final is never dropped for a full queue: it waits and retries until its deadline."""
+        """A final is never dropped for a full queue: it waits and retries until its deadline.
+
+        An utterance with no speech in it (the endpointer opened one on hiss, hum or a held
+        tone) is answered with no words, as an upload of the same audio is, without the model:
+        trained only on speech, it would make words up."""
+        if not has_speech(utterance.audio, self.rate):
+            return Transcript(
+                text="",
+                tokens=[],
+                logprobs=[],
+                language=self.params.language,
+                audio_seconds=len(utterance.audio) / self.rate,
+            )
         give_up = time.monotonic() + self.engine.settings.request_timeout_s
         while True:
             try:

@@ -271,6 +271,30 @@ def test_digital_silence_on_the_websocket_gives_no_words(server: LiveServer) -> 
     assert not [e for e in events if e["type"] == "error"]
 
 
+@pytest.mark.parametrize("kind", ["hiss", "tone"])
+def test_steady_noise_on_the_websocket_gives_no_words(server: LiveServer, kind: str) -> None:
+    from websockets.sync.client import connect
+
+    rng = np.random.default_rng(1)
+    t = np.arange(4 * RATE) / RATE
+    noise = rng.normal(0, 0.05, t.size) if kind == "hiss" else 0.3 * np.sin(2 * np.pi * 440 * t)
+    # after a second of silence, so that the endpointer's noise floor starts low and the noise
+    # opens an utterance: the gate, not the endpointer, must keep it wordless
+    noise = np.concatenate([np.zeros(RATE), noise, np.zeros(RATE)])
+    pcm = (np.clip(noise, -1, 1) * 32767).astype("<i2").tobytes()
+    url = server.url.replace("http", "ws") + "/v1/audio/stream?sample_rate=16000"
+    with connect(url) as ws:
+        assert json.loads(ws.recv())["type"] == "session.created"
+        for start in range(0, len(pcm), 3200):  # 100 ms frames
+            ws.send(pcm[start : start + 3200])
+        ws.send(json.dumps({"type": "end"}))
+        events = []
+        while (event := json.loads(ws.recv()))["type"] != "session.ended":
+            events.append(event)
+    assert all(e.get("text", "") == "" for e in events), events
+    assert not [e for e in events if e["type"] == "error"]
+
+
 def test_steady_noise_and_tones_give_no_words(client: openai.OpenAI) -> None:
     rng = np.random.default_rng(0)
     t = np.arange(3 * RATE) / RATE
