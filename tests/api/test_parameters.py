@@ -296,3 +296,25 @@ def test_no_worker_alive_is_503_on_ready_uploads_and_streams(
                 return ws.close_code
 
         assert asyncio.run(stream_close()) == 1013
+
+
+def test_stt_language_is_the_language_of_a_model_without_language_tokens(
+    checkpoints: dict[str, Path], wav: bytes
+) -> None:
+    """`STT_LANGUAGE` names what such a model speaks: it is reported, accepted as `language`,
+    and any other language is refused (the model has no token to force it)."""
+    settings = settings_for(checkpoints["wav2vec2-bert"], language="de", cpu_workers=1)
+    with LiveServer(create_app(settings)) as german, httpx.Client(base_url=german.url) as client:
+
+        def post(**fields: str) -> httpx.Response:
+            data = {"response_format": "verbose_json", **fields}
+            files = {"file": ("a.wav", wav)}
+            return client.post("/v1/audio/transcriptions", files=files, data=data, timeout=60)
+
+        assert post().json()["language"] == "de"
+        assert post(language="de").json()["language"] == "de"
+        assert post(language="German").json()["language"] == "de"  # names map to codes
+        refused = post(language="en")
+        assert refused.status_code == 400
+        assert refused.json()["error"]["code"] == "unsupported"
+        assert refused.json()["error"]["param"] == "language"
