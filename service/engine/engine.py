@@ -138,20 +138,7 @@ class Engine:
         if not self.ready:
             raise Unavailable("no model worker is ready")
         self.adapter.validate(params)
-        if len(audio) < self.adapter.min_samples:
-            rate = self.info.sampling_rate
-            raise BadAudio(
-                f"audio is too short: {len(audio)} samples ({len(audio) / rate * 1000:.1f} ms) "
-                f"at {rate} Hz; the model needs at least {self.adapter.min_samples}",
-                param="file",
-            )
-        longest = self.info.max_input_seconds
-        if longest is not None and len(audio) > longest * self.info.sampling_rate:
-            raise BadAudio(
-                f"audio is {len(audio) / self.info.sampling_rate:.1f} s long; this model takes "
-                f"windows of at most {longest:g} s",
-                param="file",
-            )
+        self.check_length(len(audio))
         loop = asyncio.get_running_loop()
         job = Job(
             audio=audio,
@@ -225,6 +212,25 @@ class Engine:
         if gone is not None and gone in done:
             raise ClientGone
         raise DeadlineExceeded("no result within the request's deadline")
+
+    def check_length(self, samples: int) -> None:
+        """400 `bad_audio` for audio the model cannot take as one input: shorter than the
+        encoder's probed minimum (as OpenAI refuses clips under 0.1 s) or longer than its window.
+        Checked before anything else looks at the audio, the no-speech gate included."""
+        rate = self.info.sampling_rate
+        if samples < self.adapter.min_samples:
+            raise BadAudio(
+                f"audio is too short: {samples} samples ({samples / rate * 1000:.1f} ms) "
+                f"at {rate} Hz; the model needs at least {self.adapter.min_samples}",
+                param="file",
+            )
+        longest = self.info.max_input_seconds
+        if longest is not None and samples > longest * rate:
+            raise BadAudio(
+                f"audio is {samples / rate:.1f} s long; this model takes "
+                f"windows of at most {longest:g} s",
+                param="file",
+            )
 
     async def transcribe(
         self,

@@ -238,6 +238,8 @@ async def _decode_and_transcribe(
     windows = await asyncio.to_thread(
         _plan, audio, rate, max_window, body.chunking_strategy, settings
     )
+    if windows is None:  # one piece: too short a clip is refused before the no-speech gate
+        engine.check_length(len(audio))
     if windows is None and not has_speech(audio, rate):
         windows = []  # silence, hiss or a steady tone: no words, and no model call
     reply = _Reply(engine, settings, body, params, duration, record)
