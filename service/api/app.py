@@ -105,7 +105,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # batches full; more would only be decoded after their deadline's share is spent
         # (measured: under a 4x burst, an unbounded wait let the decoders spend more than the
         # workers on uploads that then missed their deadline: 504s, goodput 25% of capacity)
-        waiting=min(settings.max_queue_size, 2 * settings.max_batch_size),
+        waiting=min(settings.max_queue_size, max(2 * settings.max_batch_size, 16)),
         large_slots=max(1, cores // 2),  # slow files: at most half the cores
         metrics=app_metrics,
     )

@@ -140,8 +140,13 @@ def test_overload_rejects_fast(overload: dict[str, Any]) -> None:
 
 
 def test_overload_gives_no_5xx_but_503(overload: dict[str, Any]) -> None:
+    # the deadline covers waiting for a decode slot and decoding (issue 22), so an upload
+    # admitted early may still expire there: a few 504s, never another 5xx
     for name, phase in phases(overload).items():
-        assert phase["server_errors"] == {}, (name, phase["server"])
+        errors = dict(phase["server_errors"])
+        expired = errors.pop("504 deadline_exceeded", 0)
+        assert errors == {}, (name, phase["server"])
+        assert expired <= 0.1 * max(1, phase["ok"] + expired), (name, phase["server"])
 
 
 def test_overload_keeps_serving_near_capacity(overload: dict[str, Any]) -> None:
