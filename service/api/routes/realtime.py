@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from service.api.observe import facts
-from service.api.routes.stream import client_of
+from service.api.routes.stream import client_of, release_slot
 from service.engine.engine import Engine
 from service.engine.types import GenerationParams
 from service.errors import ServiceError
@@ -681,12 +681,7 @@ async def realtime(websocket: WebSocket) -> None:
         reason = await _serve(websocket, connection, settings, started)
     finally:
         await connection.outbox.stop()
-        app.state.streams -= 1
-        per_client[client] -= 1
-        if per_client[client] <= 0:
-            del per_client[client]
-        metrics.streams_active.dec()
-        metrics.streams_closed.labels(reason=reason).inc()
+        release_slot(app, metrics, client, reason)
         log.info(
             "realtime session closed",
             extra={

@@ -12,6 +12,7 @@ import json
 import logging
 import time
 import uuid
+from typing import Any
 
 from fastapi import APIRouter, WebSocket
 from pydantic import ValidationError
@@ -109,6 +110,18 @@ def _params(config: StreamConfig, engine: Engine, settings: Settings) -> Generat
     return params
 
 
+def release_slot(app: Any, metrics: Metrics, client: str, reason: str) -> None:
+    """Give back a session's slot (both websocket routes): the total, the client's share, and
+    the gauges."""
+    app.state.streams -= 1
+    per_client: collections.Counter[str] = app.state.streams_by_client
+    per_client[client] -= 1
+    if per_client[client] <= 0:
+        del per_client[client]
+    metrics.streams_active.dec()
+    metrics.streams_closed.labels(reason=reason).inc()
+
+
 @router.websocket("/v1/audio/stream")
 async def stream(websocket: WebSocket) -> None:
     app = websocket.app
@@ -151,12 +164,7 @@ async def stream(websocket: WebSocket) -> None:
             session = await _configure(query, engine, settings, metrics, connection)
         reason = await _serve(websocket, connection, session, engine, settings, metrics, started)
     finally:
-        app.state.streams -= 1
-        per_client[client] -= 1
-        if per_client[client] <= 0:
-            del per_client[client]
-        metrics.streams_active.dec()
-        metrics.streams_closed.labels(reason=reason).inc()
+        release_slot(app, metrics, client, reason)
         log.info(
             "stream closed",
             extra={
