@@ -24,7 +24,7 @@ from prometheus_client import (
     Info,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
@@ -57,6 +57,17 @@ class EngineState:
     queue_depth: Callable[[], int]
     queued_seconds: Callable[[], float]
     workers: Callable[[], list[WorkerState]]
+    compiles: Callable[[], "CompileFigures"] | None = None
+
+
+@dataclass(frozen=True)
+class CompileFigures:
+    """The process's torch.compile figures (service/engine/fastpath.py), read when scraped."""
+
+    compiles: int  # graphs compiled, first compiles and recompiles alike
+    seconds: float
+    eager_calls: int  # calls of a compiled module that ran eagerly by design
+    cache: dict[str, int]  # "<cache>_hit" / "<cache>_miss" -> count
 
 
 class _EngineCollector:
@@ -70,6 +81,10 @@ class _EngineCollector:
         f"{PREFIX}_cuda_memory_reserved_bytes",
         f"{PREFIX}_event_loop_tasks",
         f"{PREFIX}_threads",
+        f"{PREFIX}_compiles",
+        f"{PREFIX}_compile_seconds",
+        f"{PREFIX}_compile_eager_calls",
+        f"{PREFIX}_compile_cache_lookups",
     )
 
     def __init__(self) -> None:
@@ -96,6 +111,18 @@ class _EngineCollector:
         )
         tasks = GaugeMetricFamily(self.NAMES[5], "Tasks alive on the server's event loop")
         threads = GaugeMetricFamily(self.NAMES[6], "Threads alive in the process")
+        compiles = CounterMetricFamily(
+            self.NAMES[7], "Graphs torch.compile built (first compiles and recompiles)"
+        )
+        compile_seconds = CounterMetricFamily(self.NAMES[8], "Wall time spent compiling")
+        eager_calls = CounterMetricFamily(
+            self.NAMES[9], "Calls of a compiled module run eagerly (short inputs, attention)"
+        )
+        lookups = CounterMetricFamily(
+            self.NAMES[10],
+            "Compile cache lookups on disk, by cache (fx_graph, aot_autograd) and result",
+            labels=["cache", "result"],
+        )
         if live:
             loop = self.loop
             tasks.add_metric([], len(asyncio.all_tasks(loop)) if loop is not None else 0)
@@ -114,7 +141,16 @@ class _EngineCollector:
         elif live:
             depth.add_metric([], 0)
             queued.add_metric([], 0)
+        figures = state.compiles() if live and state is not None and state.compiles else None
+        if figures is not None:
+            compiles.add_metric([], figures.compiles)
+            compile_seconds.add_metric([], figures.seconds)
+            eager_calls.add_metric([], figures.eager_calls)
+            for key, count in sorted(figures.cache.items()):
+                cache, result = key.rsplit("_", 1)
+                lookups.add_metric([cache, result], count)
         yield from (depth, queued, up, allocated, reserved, tasks, threads)
+        yield from (compiles, compile_seconds, eager_calls, lookups)
 
 
 class Metrics:

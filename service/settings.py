@@ -45,7 +45,27 @@ class Settings(BaseSettings):
     cpu_threads: int = Field(
         0, ge=0, le=256, description="torch threads per CPU worker; 0: cores / workers."
     )
-    warmup: bool = Field(True, description="Run one generate before reporting ready.")
+    warmup: bool = Field(
+        True,
+        description="Run one generate (and every compiled input shape) before reporting ready.",
+    )
+
+    # --- fast paths (service/engine/fastpath.py; README "Fast paths") ---
+    compile: Literal["off", "encoder", "all"] = Field(
+        "off",
+        description="torch.compile the `encoder`, or `all` (encoder and decoder module); off "
+        "by default: see the README's fast paths for what it costs at start-up and gains.",
+    )
+    compile_cache_dir: Path | None = Field(
+        None,
+        description="Compile cache folder (TORCHINDUCTOR_CACHE_DIR), kept across restarts; "
+        "empty: torch's default under /tmp.",
+    )
+    quantize: Literal["off", "int8"] = Field(
+        "off",
+        description="`int8`: the encoder's linear layers in int8 (torchao, the `int8` extra); "
+        "changes transcripts a little.",
+    )
 
     # --- batching and queueing ---
     max_batch_size: int = Field(16, ge=1, le=256, description="Most requests in one batch.")

@@ -35,6 +35,8 @@ from transformers.modeling_outputs import BaseModelOutput
 from service.audio.windows import FRAME_SECONDS, voiced_frames
 from service.engine import align, checkpoint
 from service.engine.buckets import bucket_samples
+from service.engine.fastpath import FastPath, FastPathOptions
+from service.engine.fastpath import apply as apply_fast_paths
 from service.engine.flax import load_flax
 from service.engine.types import GenerationParams, WordTiming
 from service.engine.whisper import WhisperSupport
@@ -192,8 +194,11 @@ class ModelAdapter:
         dtype: str = "auto",
         *,
         encode_separately: bool | None = None,
+        fast: FastPathOptions | None = None,
     ) -> None:
         """Load the checkpoint onto `device` as `dtype` (`auto`: float16 on CUDA, else float32).
+
+        `fast`: the compile / quantization fast paths to apply (`fastpath`; default: none).
 
         `encode_separately` overrides the encoder path where the checkpoint allows both:
         None (the service's choice) decides by device and padding invariance; False runs the
@@ -239,6 +244,7 @@ class ModelAdapter:
         except (OSError, ValueError, KeyError) as exc:
             raise StartupError(f"cannot load weights from {model_dir}: {exc}") from exc
         self.model = model.to(self.device).eval()  # type: ignore[arg-type]
+        self.fastpath: FastPath = apply_fast_paths(self.model, fast or FastPathOptions())
         self._clock: dict[str, float] = {}
         self._time_encoder()
         self._check_generation_ids()
@@ -345,16 +351,17 @@ class ModelAdapter:
             return True
 
         low, high = 0, self.info.sampling_rate  # low fails (or is empty), high must work
-        if not runs(high):
-            cause = failure[0] if failure else None
-            raise StartupError(
-                f"{self.model_dir} cannot encode one second of audio "
-                f"({type(cause).__name__}: {cause}); check that its preprocessor_config.json "
-                "matches its encoder"
-            ) from cause
-        while high - low > 1:
-            middle = (low + high) // 2
-            low, high = (low, middle) if runs(middle) else (middle, high)
+        with self.fastpath.eager():  # odd sizes: not worth a compiled graph each
+            if not runs(high):
+                cause = failure[0] if failure else None
+                raise StartupError(
+                    f"{self.model_dir} cannot encode one second of audio "
+                    f"({type(cause).__name__}: {cause}); check that its preprocessor_config.json "
+                    "matches its encoder"
+                ) from cause
+            while high - low > 1:
+                middle = (low + high) // 2
+                low, high = (low, middle) if runs(middle) else (middle, high)
         self._clock = {}
         return high
 
@@ -808,7 +815,23 @@ class ModelAdapter:
         return None
 
     def warm_up(self) -> None:
-        """One generate on a second of hiss: allocations and kernels happen before traffic."""
+        """One generate on a second of hiss: allocations and kernels happen before traffic.
+
+        With compiled modules, also every input shape torch specialises a graph for (see
+        `FastPath.warm_up_seconds`), so that traffic meets compiled graphs only."""
         # faint noise, not digital silence: some extractors divide by the signal's deviation
-        hiss = np.random.default_rng(0).normal(0, 1e-3, self.info.sampling_rate)
-        self.transcribe([hiss.astype(np.float32)], GenerationParams(max_new_tokens=4))
+        rng = np.random.default_rng(0)
+        rate = self.info.sampling_rate
+        hiss = rng.normal(0, 1e-3, rate).astype(np.float32)
+        self.transcribe([hiss], GenerationParams(max_new_tokens=4))
+        if not self.fastpath.compiled:
+            return
+        # rows share a compiled module in a batch: the decoder always, the encoder unless
+        # rows are encoded one by one
+        batched = "decoder" in self.fastpath.compiled or not self.info.encode_separately
+        for seconds in self.fastpath.warm_up_seconds:
+            audio = rng.normal(0, 1e-3, int(seconds * rate)).astype(np.float32)
+            self.transcribe([audio], GenerationParams(max_new_tokens=4))
+            if batched:  # a batch of one is its own graph: compile one of several rows too
+                pair = [audio, audio[: len(audio) // 2]]
+                self.transcribe(pair, GenerationParams(max_new_tokens=4))

@@ -9,9 +9,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 import numpy as np
 import torch
 
-from service.engine import checkpoint
+from service.engine import checkpoint, fastpath
 from service.engine.adapter import ModelAdapter, ModelInfo
 from service.engine.budget import AudioBudget
+from service.engine.fastpath import FastPathOptions
 from service.engine.pool import WorkerPool
 from service.engine.scheduler import Scheduler
 from service.engine.types import GenerationParams, Job, Transcript, call_soon
@@ -72,6 +73,7 @@ class Engine:
                 workers=lambda: [
                     WorkerState(w.index, w.device, w.alive) for w in self.pool.workers
                 ],
+                compiles=fastpath.figures,
             )
         )
 
@@ -85,7 +87,8 @@ class Engine:
         cores = os.cpu_count() or 1
         devices = settings.devices(torch.cuda.device_count(), cores)
         folder = checkpoint.resolve(settings.model) if settings.model else settings.model_dir
-        first = ModelAdapter(folder, settings.served_name, devices[0], settings.dtype)
+        fast = FastPathOptions(settings.compile, settings.quantize, settings.compile_cache_dir)
+        first = ModelAdapter(folder, settings.served_name, devices[0], settings.dtype, fast=fast)
         if "cpu" in devices and not settings.cpu_workers:
             parameters = sum(p.numel() for p in first.model.parameters())
             devices = settings.devices(torch.cuda.device_count(), cores, parameters)
@@ -96,7 +99,7 @@ class Engine:
             adapter = (
                 first
                 if index == 0
-                else ModelAdapter(folder, settings.served_name, device, settings.dtype)
+                else ModelAdapter(folder, settings.served_name, device, settings.dtype, fast=fast)
             )
             if settings.warmup:
                 started = time.monotonic()

@@ -1,0 +1,127 @@
+"""Fast paths (service/engine/fastpath.py) on tiny real checkpoints: compiled modules give the
+tokens eager ones give, traffic after warm-up compiles nothing new, the compile cache is found
+again after a restart, and SDPA attention (transformers' default) matches eager attention."""
+
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.engine import fastpath
+from service.engine.adapter import ModelAdapter
+from service.engine.fastpath import FastPathOptions
+from service.engine.types import GenerationParams
+from tests.checkpoints import KINDS
+from tests.conftest import CLEAN_EXIT, ServiceProcess
+
+# beyond warm-up's own lengths, and a short one that runs eagerly by design
+LENGTHS = (0.3, 0.9, 1.4, 2.7, 4.4, 6.1, 9.5, 14.0)
+PARAMS = GenerationParams(max_new_tokens=6)
+
+
+def clip(seconds: float, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).normal(0, 0.1, int(seconds * 16_000)).astype(np.float32)
+
+
+def tokens(adapter: ModelAdapter) -> list[list[int]]:
+    """Each clip alone, then three of them in one batch (padding, batched decoder)."""
+    alone = [adapter.transcribe([clip(s, i)], PARAMS)[0].tokens for i, s in enumerate(LENGTHS)]
+    batch = [clip(s, 10 + i) for i, s in enumerate((1.1, 3.3, 5.2))]
+    return alone + [row.tokens for row in adapter.transcribe(batch, PARAMS)]
+
+
+def compiled_matches_eager(model_dir: Path, mode: str) -> None:
+    eager = tokens(ModelAdapter(model_dir, "tiny"))
+    before = fastpath.stats.compiles
+    fast = ModelAdapter(model_dir, "tiny", fast=FastPathOptions(compile=mode))  # type: ignore[arg-type]
+    assert fast.fastpath.compiled == (["encoder"] if mode == "encoder" else ["encoder", "decoder"])
+    fast.warm_up()
+    warmed = fastpath.stats.compiles
+    assert warmed > before  # something was compiled
+    assert tokens(fast) == eager
+    assert fastpath.stats.compiles == warmed  # every shape served after warm-up was compiled
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", KINDS)
+def test_compiled_encoder_keeps_transcripts_without_recompiling(
+    checkpoints: dict[str, Path], kind: str
+) -> None:
+    compiled_matches_eager(checkpoints[kind], "encoder")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["wav2vec2-bert", "speech2text", "whisper"])
+def test_compiled_encoder_and_decoder_keep_transcripts(
+    checkpoints: dict[str, Path], kind: str
+) -> None:
+    compiled_matches_eager(checkpoints[kind], "all")
+
+
+@pytest.mark.slow
+def test_word_timings_and_start_up_probe_run_eagerly(checkpoints: dict[str, Path]) -> None:
+    """Calls asking for attention weights, and the start-up probe of tiny inputs, never
+    compile a graph of their own."""
+    fast = ModelAdapter(
+        checkpoints["wav2vec2-bert"], "tiny", fast=FastPathOptions(compile="encoder")
+    )
+    fast.warm_up()
+    compiles, eager_calls = fastpath.stats.compiles, fastpath.stats.eager_calls
+    assert fast.min_samples == ModelAdapter(checkpoints["wav2vec2-bert"], "tiny").min_samples
+    (row,) = fast.transcribe([clip(2.0, 1)], GenerationParams(max_new_tokens=6, words=True))
+    assert row.words
+    assert fastpath.stats.compiles == compiles
+    assert fastpath.stats.eager_calls > eager_calls
+
+
+def compile_counters(url: str) -> dict[str, float]:
+    text = httpx.get(url + "/metrics", timeout=30).text
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "stt_compiles_total":
+                out["compiles"] = sample.value
+            elif sample.name == "stt_compile_cache_lookups_total":
+                out[f"{sample.labels['cache']}_{sample.labels['result']}"] = sample.value
+    return out
+
+
+@pytest.mark.slow
+def test_a_restart_finds_the_compile_cache(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    """Two starts of `python -m service` with one cache folder: the first compiles (cache
+    misses), the second finds every graph in the cache (hits, no misses)."""
+    env = {
+        "STT_MODEL_DIR": str(checkpoints["wav2vec2-bert"]),
+        "STT_COMPILE": "encoder",
+        "STT_COMPILE_CACHE_DIR": str(tmp_path / "cache"),
+        "STT_CPU_WORKERS": "1",
+    }
+    figures = []
+    for _ in range(2):
+        server = ServiceProcess(**env)
+        try:
+            assert httpx.get(server.url + "/ready", timeout=30).status_code == 200
+            figures.append(compile_counters(server.url))
+        finally:
+            assert server.stop() in CLEAN_EXIT
+    first, second = figures
+    assert first["compiles"] > 0
+    assert first["fx_graph_miss"] > 0
+    assert second["compiles"] > 0  # dynamo still traces; inductor's work comes from the cache
+    assert second["fx_graph_hit"] >= first["fx_graph_miss"]
+    assert second["fx_graph_miss"] == 0
+    assert any((tmp_path / "cache").rglob("*")), "nothing was written to the cache folder"
+
+
+@pytest.mark.parametrize("kind", ["wav2vec2-bert", "hubert-gpt2", "wav2vec2-bart", "whisper"])
+def test_sdpa_attention_is_the_default_and_matches_eager(
+    checkpoints: dict[str, Path], kind: str
+) -> None:
+    adapter = ModelAdapter(checkpoints[kind], "tiny")
+    assert adapter.model.config._attn_implementation == "sdpa"
+    audio = [clip(s, i) for i, s in enumerate((1.2, 2.5, 3.1))]
+    sdpa = [row.tokens for row in adapter.transcribe(audio, PARAMS)]
+    adapter.model.set_attn_implementation("eager")
+    assert [row.tokens for row in adapter.transcribe(audio, PARAMS)] == sdpa
