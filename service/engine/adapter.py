@@ -178,6 +178,33 @@ def _split_runs(
     return out
 
 
+SHORT_ROW_SECONDS = 3.0  # rows up to this long may share an encoder call (`short_groups`)
+_GROUP_PADDING = 1.25  # ... with rows at most 25% shorter than the group's longest
+_MAX_GROUP = 16
+
+
+def short_groups(lengths: list[int], rate: int) -> list[list[int]]:
+    """Row indices grouped for encoding: short rows (<= `SHORT_ROW_SECONDS`) of similar length
+    together (longest <= 1.25 x shortest, at most 16), every other row alone; in input order of
+    each group's first row. On a CPU a long row gains nothing from a shared encoder call (it is
+    compute-bound: eight 8 s clips of the base-size model took longer batched than alone)."""
+    short = sorted((n, i) for i, n in enumerate(lengths) if n <= SHORT_ROW_SECONDS * rate)
+    groups: list[list[int]] = []
+    current: list[int] = []
+    first = 0
+    for n, i in short:
+        if current and (n > first * _GROUP_PADDING or len(current) == _MAX_GROUP):
+            groups.append(current)
+            current = []
+        if not current:
+            first = max(1, n)
+        current.append(i)
+    if current:
+        groups.append(current)
+    groups += [[i] for i, n in enumerate(lengths) if n > SHORT_ROW_SECONDS * rate]
+    return sorted(groups, key=min)
+
+
 def _require(value: object, what: str, fix: str) -> None:
     if value is None:
         raise StartupError(f"checkpoint is missing {what}: {fix}")
@@ -572,22 +599,24 @@ class ModelAdapter:
         sinks: list[TokenSink | None],
         grow: Callable[[], list[tuple[np.ndarray, TokenSink | None]]] | None = None,
     ) -> dict[str, Any]:
-        """Run the encoder on each input alone, then let the decoder steps share one batch.
+        """Run the encoder on each input alone (short rows of a padding-invariant encoder in
+        groups of similar length, `_encode_rows`), then let the decoder steps share one batch.
 
-        Each row's encoder output is exactly what it would be alone (no padding reaches the
-        encoder), and the decoder sees the padded encoder frames through the cross-attention
-        mask only. On a CPU the encoder gains nothing from batching (it is compute-bound) while
-        the decoder steps gain several times, so this batches every length together without the
-        encoder's padding waste. Rows from `grow()` are appended to `audios` and `sinks`.
+        Each row's encoder output is what it would be alone, and the decoder sees the padded
+        encoder frames through the cross-attention mask only. On a CPU the encoder gains little
+        from batching (it is compute-bound) while the decoder steps gain several times, so this
+        batches every length together without the encoder's padding waste. Rows from `grow()`
+        are appended to `audios` and `sinks`.
         """
-        states, samples = [], []
+        states: list[torch.Tensor] = []
+        samples: list[int] = []
         row = 0
         while True:
-            while row < len(audios):
-                feats = self.features([audios[row]])
-                states.append(self.model.encoder(**feats).last_hidden_state[0])
-                samples.append(feats[self.info.input_name].shape[-1])
-                row += 1
+            if row < len(audios):
+                encoded = self._encode_rows(audios[row:])
+                states.extend(state for state, _ in encoded)
+                samples.extend(count for _, count in encoded)
+                row = len(audios)
             extra = grow() if grow is not None else []
             if not extra:
                 break
@@ -604,6 +633,31 @@ class ModelAdapter:
             "encoder_outputs": BaseModelOutput(last_hidden_state=hidden),
             "attention_mask": mask,
         }
+
+    def _encode_rows(self, audios: list[np.ndarray]) -> list[tuple[torch.Tensor, int]]:
+        """Each row's encoder output (frames x hidden) and input samples, in input order.
+
+        Rows are encoded alone, except short rows of a padding-invariant encoder (layer-norm
+        wav2vec2 fed an attention mask), which share one padded encoder call with rows of
+        similar length (`short_groups`): their outputs equal those alone, and per-call costs
+        (Python, small matmuls) dominate short clips (measured on the bundled model: 1-3 s clips
+        encode in about 25 ms each alone, 1.1-1.4x faster batched)."""
+        out: list[tuple[torch.Tensor, int] | None] = [None] * len(audios)
+        groups = (
+            short_groups([len(a) for a in audios], self.info.sampling_rate)
+            if self.info.padding_invariant
+            else [[i] for i in range(len(audios))]
+        )
+        for group in groups:
+            feats = self.features([audios[i] for i in group])
+            hidden = self.model.encoder(**feats).last_hidden_state
+            if len(group) == 1:
+                out[group[0]] = (hidden[0], feats[self.info.input_name].shape[-1])
+                continue
+            for index, i in enumerate(group):
+                frames = self.encoder_frames(len(audios[i]))
+                out[i] = (hidden[index, :frames], len(audios[i]))
+        return [row for row in out if row is not None]
 
     def encoder_frames(self, samples: int) -> int:
         """How many encoder frames (the audio tokens the decoder attends to) `samples` make."""
@@ -828,10 +882,14 @@ class ModelAdapter:
             return
         # rows share a compiled module in a batch: the decoder always, the encoder unless
         # rows are encoded one by one
-        batched = "decoder" in self.fastpath.compiled or not self.info.encode_separately
+        batched = (
+            "decoder" in self.fastpath.compiled
+            or not self.info.encode_separately
+            or self.info.padding_invariant  # short rows share encoder calls (`short_groups`)
+        )
         for seconds in self.fastpath.warm_up_seconds:
             audio = rng.normal(0, 1e-3, int(seconds * rate)).astype(np.float32)
             self.transcribe([audio], GenerationParams(max_new_tokens=4))
             if batched:  # a batch of one is its own graph: compile one of several rows too
-                pair = [audio, audio[: len(audio) // 2]]
+                pair = [audio, audio[: len(audio) * 9 // 10]]
                 self.transcribe(pair, GenerationParams(max_new_tokens=4))

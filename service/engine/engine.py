@@ -105,6 +105,16 @@ class Engine:
                 started = time.monotonic()
                 adapter.warm_up()
                 log.info("warmed up on %s in %.2f s", device, time.monotonic() - started)
+            if adapter.fastpath.active:
+                figures = fastpath.figures()
+                log.info(
+                    "fast paths on %s: %s (so far %d graphs compiled in %.1f s, cache %s)",
+                    device,
+                    adapter.fastpath.describe(),
+                    figures.compiles,
+                    figures.seconds,
+                    figures.cache,
+                )
             adapters.append(adapter)
         # probed once, at start-up, on the replica that validates requests
         log.info("the encoder takes inputs of %d samples or more", first.min_samples)

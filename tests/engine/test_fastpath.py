@@ -7,14 +7,19 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import soundfile as sf
+import soxr
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.engine import fastpath
-from service.engine.adapter import ModelAdapter
+from service.engine.adapter import ModelAdapter, short_groups
 from service.engine.fastpath import FastPathOptions
 from service.engine.types import GenerationParams
+from service.settings import DEFAULT_MODEL_DIR
 from tests.checkpoints import KINDS
-from tests.conftest import CLEAN_EXIT, ServiceProcess
+from tests.conftest import CLEAN_EXIT, ServiceProcess, speak
+
+SAMPLES = DEFAULT_MODEL_DIR / "samples"
 
 # beyond warm-up's own lengths, and a short one that runs eagerly by design
 LENGTHS = (0.3, 0.9, 1.4, 2.7, 4.4, 6.1, 9.5, 14.0)
@@ -45,6 +50,7 @@ def compiled_matches_eager(model_dir: Path, mode: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # compiling: about a minute a checkpoint on an idle 2-core CPU
 @pytest.mark.parametrize("kind", KINDS)
 def test_compiled_encoder_keeps_transcripts_without_recompiling(
     checkpoints: dict[str, Path], kind: str
@@ -53,6 +59,7 @@ def test_compiled_encoder_keeps_transcripts_without_recompiling(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # compiling: about a minute a checkpoint on an idle 2-core CPU
 @pytest.mark.parametrize("kind", ["wav2vec2-bert", "speech2text", "whisper"])
 def test_compiled_encoder_and_decoder_keep_transcripts(
     checkpoints: dict[str, Path], kind: str
@@ -61,6 +68,7 @@ def test_compiled_encoder_and_decoder_keep_transcripts(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # compiling: about a minute a checkpoint on an idle 2-core CPU
 def test_word_timings_and_start_up_probe_run_eagerly(checkpoints: dict[str, Path]) -> None:
     """Calls asking for attention weights, and the start-up probe of tiny inputs, never
     compile a graph of their own."""
@@ -89,6 +97,7 @@ def compile_counters(url: str) -> dict[str, float]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # compiling: about a minute a checkpoint on an idle 2-core CPU
 def test_a_restart_finds_the_compile_cache(checkpoints: dict[str, Path], tmp_path: Path) -> None:
     """Two starts of `python -m service` with one cache folder: the first compiles (cache
     misses), the second finds every graph in the cache (hits, no misses)."""
@@ -125,3 +134,68 @@ def test_sdpa_attention_is_the_default_and_matches_eager(
     sdpa = [row.tokens for row in adapter.transcribe(audio, PARAMS)]
     adapter.model.set_attn_implementation("eager")
     assert [row.tokens for row in adapter.transcribe(audio, PARAMS)] == sdpa
+
+
+PHRASES = (
+    "turn on the lights",
+    "set volume to seven",
+    "call home",
+    "go up",
+    "zero",
+    "two five nine",
+    "turn off the kitchen light",
+    "call dad",
+)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # compiling: about a minute a checkpoint on an idle 2-core CPU
+def test_bundled_model_compiled_gives_eager_tokens_on_speech() -> None:
+    """The bundled model's encoder compiled, on real speech (espeak-ng phrases at two rates
+    and the model's own samples): every utterance gives eager's tokens (the budget is 99.5%
+    of the test split; `python -m bench.fastpath exactness` checks the whole split)."""
+    audios = [
+        soxr.resample(speak(text, rate=rate), 22_050, 16_000).astype(np.float32)
+        for text in PHRASES
+        for rate in (140, 190)
+    ]
+    audios += [sf.read(p, dtype="float32")[0] for p in sorted(SAMPLES.glob("*.wav"))]
+    eager = ModelAdapter(DEFAULT_MODEL_DIR, "bundled")
+    fast = ModelAdapter(DEFAULT_MODEL_DIR, "bundled", fast=FastPathOptions(compile="encoder"))
+    params = GenerationParams(max_new_tokens=eager.default_max_new_tokens)
+    want = [eager.transcribe([a], params)[0].tokens for a in audios]
+    got = [fast.transcribe([a], params)[0].tokens for a in audios]
+    assert fastpath.stats.compiles > 0
+    assert got == want
+    assert [r.tokens for r in fast.transcribe(audios[:6], params)] == want[:6]
+
+
+def test_short_groups_pair_similar_short_rows_only() -> None:
+    rate = 16_000
+    lengths = [int(s * rate) for s in (1.0, 2.9, 1.2, 8.0, 1.1, 2.5, 0.3)]
+    # 1.0/1.1/1.2 s together, 2.5/2.9 s together, 0.3 s and the 8 s row alone
+    assert short_groups(lengths, rate) == [[0, 4, 2], [5, 1], [3], [6]]
+    assert short_groups([rate] * 20, rate) == [list(range(16)), list(range(16, 20))]
+
+
+@pytest.mark.parametrize("kind", ["wav2vec2-bert", "hubert-gpt2", "wav2vec2-groupnorm-bert"])
+def test_short_rows_share_encoder_calls_only_where_padding_is_exact(
+    checkpoints: dict[str, Path], kind: str
+) -> None:
+    """A batch of short clips: a layer-norm encoder with an attention mask encodes similar
+    lengths in one call, and every row keeps the tokens it gets alone; group-norm wav2vec2
+    (padding changes its output) still encodes each row alone."""
+    adapter = ModelAdapter(checkpoints[kind], "tiny")
+    calls: list[int] = []
+    adapter.model.get_encoder().register_forward_hook(
+        lambda _m, args, kwargs, out: calls.append(1), with_kwargs=True
+    )
+    audio = [clip(s, i) for i, s in enumerate((1.0, 1.15, 2.4, 1.05, 2.7, 0.95))]
+    alone = [adapter.transcribe([a], PARAMS)[0].tokens for a in audio]
+    calls.clear()
+    batched = [row.tokens for row in adapter.transcribe(audio, PARAMS)]
+    assert batched == alone
+    invariant = adapter.info.padding_invariant
+    assert invariant == (kind != "wav2vec2-groupnorm-bert")
+    # 0.95/1.0/1.05/1.15 s, 2.4/2.7 s: two calls; else one per row
+    assert len(calls) == (2 if invariant else len(audio))
