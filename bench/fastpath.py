@@ -21,6 +21,7 @@ quantization costs).
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import tempfile
 import time
@@ -224,9 +225,12 @@ def exactness(args: argparse.Namespace) -> Exactness:
     from service.engine.types import GenerationParams
 
     spec = next(s for s in default_specs(0) if s.name == args.split)
+    if args.limit is not None and args.limit < spec.size:
+        # a split's plan is drawn in order from its seed: the first N of the full split
+        spec = dataclasses.replace(spec, name=f"{spec.name}-first{args.limit}", size=args.limit)
     synthesize_split(spec, args.corpus_dir)
-    data = CorpusSplit(args.corpus_dir, args.split)
-    count = len(data) if args.limit is None else min(args.limit, len(data))
+    data = CorpusSplit(args.corpus_dir, spec.name)
+    count = len(data)
     examples = [data[i] for i in range(count)]
     compile_mode, quantize = FAST_PATHS[args.mode]
     eager = ModelAdapter(args.model, "eager")

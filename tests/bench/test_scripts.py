@@ -136,3 +136,27 @@ def test_attacks_reports_each_attack(tmp_path: Path) -> None:
         assert report[name]["statuses"].get("200", 0) >= 1, report[name]
         assert report[name]["p50_s"] <= report[name]["p99_s"] <= report[name]["max_s"]
     assert len(report["streams"]["partials_per_session"]) == 8
+
+
+def test_fastpath_prints_offline_and_service_rows_side_by_side(tmp_path: Path) -> None:
+    stdout, rows = run(
+        "bench.fastpath",
+        "throughput",
+        *("--skip-base-size", "--requests", "4", "--concurrency", "2", "--repeats", "1"),
+        *("--max-seconds", "2", "--modes", "eager fp32"),
+        out=tmp_path / "f.json",
+    )
+    assert [(r["clips"], r["mode"]) for r in rows] == [
+        ("1-2 s", "offline eager fp32"),
+        ("1-2 s", "service (defaults)"),
+        ("1-3 s", "offline eager fp32"),
+        ("1-3 s", "service (defaults)"),
+    ]
+    printed = table_rows(stdout, "w2v2-bert-commands-en")
+    assert len(printed) == 4
+    for row, cells in zip(rows, printed, strict=True):
+        assert float(cells[3]) == pytest.approx(row["audio_per_s"], abs=0.051)
+        assert row["audio_per_s"] > 0
+    assert rows[0]["same_tokens"] == 1.0  # the reference row against itself
+    assert rows[1]["client_cpu_s"] > 0  # the load generator's own cost is reported
+    assert rows[1]["compiles"] == 0  # the default compiles nothing
