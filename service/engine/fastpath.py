@@ -43,9 +43,8 @@ CompileMode = Literal["off", "encoder", "all"]
 QuantizeMode = Literal["off", "int8"]
 
 # Input lengths (seconds) `ModelAdapter.warm_up` runs, alone and in a batch of two, when
-# something is compiled: enough for torch to settle on its dynamic-shape graphs.
-# torch guards the first convolution's input size by ranges (its backend heuristics), so a
-# sweep over the lengths served, not two or three, settles the graphs.
+# something is compiled. torch guards the first convolution's input size by ranges (its
+# backend's heuristics), so a sweep over the lengths served, not two or three, settles them.
 WARM_UP_SECONDS = (0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0, 8.0, 12.0, 20.0)
 MIN_COMPILED_SECONDS = 0.5  # shorter inputs run eagerly: cheap, and each would specialise
 # Arguments that change what the encoder returns: such calls (word timings) run eagerly.
@@ -55,9 +54,9 @@ _EAGER_FLAGS = ("output_attentions", "output_hidden_states")
 @dataclasses.dataclass(frozen=True)
 class FastPathOptions:
     """What to speed up. `compile`: `off`, `encoder`, `all` (encoder and decoder module, see
-    `_compile_decoder`); `quantize`:
-    `off` or `int8` (the encoder's linear layers, see `_quantize`); `cache_dir`: where the
-    compile cache lives (None: torch's default, `/tmp/torchinductor_<user>`)."""
+    `_compile_decoder`); `quantize`: `off` or `int8` (the encoder's linear layers, see
+    `_quantize`); `cache_dir`: where the compile cache lives (None: torch's default,
+    `/tmp/torchinductor_<user>`)."""
 
     compile: CompileMode = "off"
     quantize: QuantizeMode = "off"
@@ -218,7 +217,11 @@ class FastPath:
 
     @staticmethod
     def _decoder_eager(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-        return any(kwargs.get(flag) for flag in _EAGER_FLAGS)
+        """Steps of `generate` carry its KV cache; calls without one (word timings scoring
+        whole token sequences) run eagerly rather than compile graphs of their own."""
+        if any(kwargs.get(flag) for flag in _EAGER_FLAGS):
+            return True
+        return all(kwargs.get(name) is None for name in ("past_key_values", "cache"))
 
 
 def _default(name: str, value: object) -> bool:

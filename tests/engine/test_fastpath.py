@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.engine import fastpath
 from service.engine.adapter import ModelAdapter, short_groups
-from service.engine.fastpath import FastPathOptions
+from service.engine.fastpath import FastPath, FastPathOptions
 from service.engine.types import GenerationParams
 from service.settings import DEFAULT_MODEL_DIR
 from tests.checkpoints import KINDS
@@ -45,8 +45,18 @@ def compiled_matches_eager(model_dir: Path, mode: str) -> None:
     fast.warm_up()
     warmed = fastpath.stats.compiles
     assert warmed > before  # something was compiled
+    calls: list[int] = []
+    if mode == "all":  # the decoder steps of `generate` really run compiled
+        decoder = fast.model.decoder if hasattr(fast.model, "decoder") else fast.model.get_decoder()
+        decoder.register_forward_pre_hook(
+            lambda _m, _a, kwargs: calls.append(FastPath._decoder_eager((), kwargs)),
+            with_kwargs=True,
+        )
     assert tokens(fast) == eager
     assert fastpath.stats.compiles == warmed  # every shape served after warm-up was compiled
+    if mode == "all":
+        assert calls  # the hook saw the steps
+        assert not any(calls)  # and none of them fell back to eager
 
 
 @pytest.mark.slow
