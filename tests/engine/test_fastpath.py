@@ -2,6 +2,7 @@
 tokens eager ones give, traffic after warm-up compiles nothing new, the compile cache is found
 again after a restart, and SDPA attention (transformers' default) matches eager attention."""
 
+import sys
 from pathlib import Path
 
 import httpx
@@ -9,12 +10,14 @@ import numpy as np
 import pytest
 import soundfile as sf
 import soxr
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.engine import fastpath
 from service.engine.adapter import ModelAdapter, short_groups
 from service.engine.fastpath import FastPath, FastPathOptions
 from service.engine.types import GenerationParams
+from service.errors import StartupError
 from service.settings import DEFAULT_MODEL_DIR
 from tests.checkpoints import KINDS
 from tests.conftest import CLEAN_EXIT, ServiceProcess, speak
@@ -209,3 +212,36 @@ def test_short_rows_share_encoder_calls_only_where_padding_is_exact(
     assert invariant == (kind != "wav2vec2-groupnorm-bert")
     # 0.95/1.0/1.05/1.15 s, 2.4/2.7 s: two calls; else one per row
     assert len(calls) == (2 if invariant else len(audio))
+
+
+def test_int8_without_torchao_is_a_clear_start_up_error(
+    checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "torchao", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "torchao.quantization", None)
+    with pytest.raises(StartupError, match=r"speech-serve\[int8\]"):
+        ModelAdapter(checkpoints["wav2vec2-bert"], "tiny", fast=FastPathOptions(quantize="int8"))
+
+
+@pytest.mark.parametrize("kind", ["wav2vec2-bert", "whisper"])
+def test_int8_quantizes_the_encoder_and_stays_close(
+    checkpoints: dict[str, Path], kind: str
+) -> None:
+    """`STT_QUANTIZE=int8` (the `int8` extra): the encoder's linear weights become int8 and its
+    output stays within a few percent of fp32's; the decoder is untouched."""
+    pytest.importorskip("torchao", reason="the optional `int8` extra is not installed")
+    eager = ModelAdapter(checkpoints[kind], "tiny")
+    fast = ModelAdapter(checkpoints[kind], "tiny", fast=FastPathOptions(quantize="int8"))
+    linear = next(m for m in fast.model.get_encoder().modules() if isinstance(m, torch.nn.Linear))
+    assert type(linear.weight).__name__ != "Parameter"  # a torchao int8 tensor
+    decoder_linear = next(
+        m for m in fast.model.get_decoder().modules() if isinstance(m, torch.nn.Linear)
+    )
+    assert type(decoder_linear.weight).__name__ == "Parameter"
+    feats = eager.features([clip(2.0, 5)])
+    with torch.inference_mode():
+        want = eager.model.get_encoder()(**feats).last_hidden_state
+        got = fast.model.get_encoder()(**feats).last_hidden_state
+    assert float((got - want).norm() / want.norm()) < 0.1
+    (row,) = fast.transcribe([clip(2.0, 5)], PARAMS)
+    assert row.tokens
