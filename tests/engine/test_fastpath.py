@@ -127,6 +127,8 @@ def test_a_restart_finds_the_compile_cache(
         "STT_COMPILE_CACHE_DIR": str(tmp_path / "cache"),
         "STT_CPU_WORKERS": "1",
         "STT_WARMUP": "false",
+        "STT_REQUEST_TIMEOUT_S": "600",  # this upload waits for the compiler
+        "STT_MAX_REQUEST_TIMEOUT_S": "900",
     }
     figures = []
     for _ in range(2):
