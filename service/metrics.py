@@ -136,14 +136,28 @@ class _Bound:
         return self.family.labels(model=self.model, **values)
 
 
+class _Child:
+    """A family whose only label is `model`, as its child for one model: created on first use,
+    so a view's families that are never recorded add no zero-valued series."""
+
+    def __init__(self, family: Counter | Gauge | Histogram, model: str) -> None:
+        self.family = family
+        self.model = model
+
+    def __getattr__(self, name: str) -> Any:  # inc, dec, set, observe
+        return getattr(self.family.labels(model=self.model), name)
+
+
 class _BoundInfo:
     """`stt_model_info` with its `model` label filled in (the label replaces the info key)."""
 
     def __init__(self, family: Info, model: str) -> None:
-        self.child = family.labels(model=model)
+        self.family = family
+        self.model = model
 
     def info(self, values: dict[str, str]) -> None:
-        self.child.info({k: v for k, v in values.items() if k != "model"})
+        child = self.family.labels(model=self.model)
+        child.info({k: v for k, v in values.items() if k != "model"})
 
 
 class Metrics:
@@ -349,7 +363,7 @@ class Metrics:
                     setattr(view, attr, _BoundInfo(family, name))
                 elif isinstance(family, Counter | Gauge | Histogram):
                     if family._labelnames == ("model",):
-                        setattr(view, attr, family.labels(model=name))
+                        setattr(view, attr, _Child(family, name))
                     else:
                         setattr(view, attr, _Bound(family, name))
             root._views[name] = view

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import torch
 
+from service.engine.budget import AudioBudget
 from service.engine.engine import Engine
 from service.errors import ModelNotFound
 from service.metrics import Metrics
@@ -29,6 +30,16 @@ class Engines:
         if not engines:
             raise ValueError("a server needs at least one model")
         self.engines = engines
+        if len(engines) > 1:
+            # decoded upload audio is host memory whichever model it is for: one budget
+            # (`STT_MAX_INFLIGHT_AUDIO_SECONDS`) for all, reported under model=""
+            shared = AudioBudget(
+                engines[0].settings.max_inflight_audio_seconds,
+                drain_rate=lambda: sum(e.scheduler.throughput for e in engines),
+                on_change=engines[0].metrics.for_model("").inflight_audio.set,
+            )
+            for engine in engines:
+                engine.audio_budget = shared
         self.by_name: dict[str, Engine] = {}
         for engine in engines:
             for name in (engine.settings.served_name, *engine.settings.model_aliases):
