@@ -129,6 +129,7 @@ class Worker:
                     compute_seconds=elapsed,
                     batch_size=len(jobs),
                     words=row.words,
+                    segments=row.segments,
                 )
             )
         self.pool.after_batch(self, jobs, elapsed)

@@ -228,11 +228,12 @@ def test_stream_websocket_config_picks_the_model(server: LiveServer) -> None:
     assert middle.get("gpt2", 0) == before.get("gpt2", 0)
     assert after["gpt2"] > middle.get("gpt2", 0)
     assert after["commands"] == middle["commands"]
-    # an unknown model: the error event for it, and the session waits for a valid config
+    # an unknown model: the error event of a refused config field, naming it
     (error,) = asyncio.run(session("whisper-9"))
     assert error["type"] == "error"
-    assert error["error"]["code"] == "model_not_found"
+    assert error["error"]["code"] == "invalid_config"
     assert error["error"]["param"] == "model"
+    assert "commands, gpt2, whisper" in error["error"]["message"]
 
 
 def test_realtime_session_picks_the_model(server: LiveServer) -> None:

@@ -23,7 +23,7 @@ from service.api.requests import check_caps, check_model
 from service.engine.engine import Engine
 from service.engine.registry import Engines
 from service.engine.types import GenerationParams
-from service.errors import InvalidRequest, ModelNotFound, ServiceError, error_event
+from service.errors import InvalidRequest, ServiceError, error_event
 from service.metrics import Metrics
 from service.settings import Settings
 from service.streaming.pcm import BadFrame
@@ -188,8 +188,8 @@ async def _configure(
     """A session from a config, or None after an `error` event naming what is wrong.
 
     The config's `model` picks the engine (none: the default), looked up once here: the session
-    talks to that engine alone, with that model's settings. An unknown one is a
-    `model_not_found` error event.
+    talks to that engine alone, with that model's settings. An unknown one is an
+    `invalid_config` error event with `param: model` (as every refused config field is).
     """
     try:
         config = StreamConfig.model_validate(raw)
@@ -204,9 +204,6 @@ async def _configure(
         return None
     except ValueError as exc:
         await connection.error("invalid_config", str(exc))
-        return None
-    except ModelNotFound as exc:
-        await connection.error("model_not_found", exc.message, param="model")
         return None
     except ServiceError as exc:  # e.g. Unsupported: this model cannot translate
         await connection.error("invalid_config", exc.message, param=exc.param)

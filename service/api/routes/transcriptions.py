@@ -166,6 +166,8 @@ async def _handle(
     check_model(engine, settings, body.model, body.language, body.prompt)
     if body.words:
         params = dataclasses.replace(params, words=True)
+    if body.segment_timestamps and engine.info.architecture == "whisper":
+        params = dataclasses.replace(params, timestamps=True)  # segments from its tokens
     record = facts(request.scope)
     record.response_format = body.response_format
     engine.adapter.validate(params)
