@@ -50,7 +50,8 @@ def parser_and_source() -> tuple[argparse.ArgumentParser, CliSettingsSource[Sett
         ),
         epilog=(
             "Precedence: a flag wins over its environment variable, which wins over the default.\n"
-            "Lists (--api-keys, --cors-origins, --model-aliases) are comma-separated.\n"
+            "Lists (--api-keys, --cors-origins, --model-aliases) are comma-separated;\n"
+            "--models takes name=folder-or-id items, comma-separated (or a JSON list).\n"
             "Example: python -m service --port 9000 --model-dir path/to/checkpoint"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
