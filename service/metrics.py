@@ -145,7 +145,10 @@ class _Child:
         self.model = model
 
     def __getattr__(self, name: str) -> Any:  # inc, dec, set, observe
-        return getattr(self.family.labels(model=self.model), name)
+        def call(*args: Any, **kwargs: Any) -> Any:  # the series is made at the first call
+            return getattr(self.family.labels(model=self.model), name)(*args, **kwargs)
+
+        return call
 
 
 class _BoundInfo:

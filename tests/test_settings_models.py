@@ -1,6 +1,9 @@
 """`STT_MODELS`: its two syntaxes, the names it refuses, and the split of devices and cores."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -121,3 +124,22 @@ def test_metrics_views_label_by_model_only_with_several_models() -> None:
     assert 'stt_stage_duration_seconds_count{model="b",stage="encoder"} 1.0' in text
     assert 'stt_model_info{architecture="whisper",model="a"} 1.0' in text
     assert several.for_model("a") is several.for_model("b").for_model("a")
+
+
+@pytest.mark.slow
+def test_the_ray_command_refuses_several_models_in_one_line() -> None:
+    env = {**os.environ, "STT_MODELS": "a=org/x,b=org/y"}
+    done = subprocess.run(
+        [sys.executable, "-m", "service.scale", "--port", "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "python -m service.scale: STT_MODELS (several models in one server) is not supported "
+        "on Ray Serve: deploy one application per model (each with its own STT_MODEL and route "
+        "prefix), or serve several models with python -m service"
+    ]
