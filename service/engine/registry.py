@@ -68,8 +68,7 @@ class Engines:
                 )
                 loaded.append(Engine.load(own, metrics, cores=cores))
         except BaseException:
-            for engine in loaded:
-                engine.stop()
+            cls.release(loaded)
             raise
         return cls(loaded)
 
@@ -109,12 +108,21 @@ class Engines:
         """Ready only when every model is: a client may name any of them."""
         return all(engine.ready for engine in self.engines)
 
+    @staticmethod
+    def release(engines: list[Engine]) -> None:
+        """Let go of engines that never started (a later model failed to load): their
+        workers hold nothing yet; their replicas go with them."""
+        for engine in engines:
+            engine.pool.stopping.set()
+
     def stop(self) -> None:
-        """Drain every engine at once (each within `drain_timeout_s`, not one after another)."""
-        if len(self.engines) == 1:
-            self.engines[0].stop()
+        """Drain every started engine at once (each within `drain_timeout_s`, not one after
+        another)."""
+        started = [e for e in self.engines if e.started]
+        if len(started) == 1:
+            started[0].stop()
             return
-        threads = [threading.Thread(target=e.stop, name="drain") for e in self.engines]
+        threads = [threading.Thread(target=e.stop, name="drain") for e in started]
         for thread in threads:
             thread.start()
         for thread in threads:
