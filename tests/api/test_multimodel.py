@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,6 @@ from service.api.app import create_app
 from service.settings import DEFAULT_MODEL_DIR, Settings
 from tests.api.test_realtime import COMPLETED, client_for, count, events_until, pcm24, send_audio
 from tests.api.test_reference import Reference, clip
-from tests.api.test_shutdown import queued
 from tests.conftest import CLEAN_EXIT, HeldService, LiveServer, encode, speak
 
 pytestmark = pytest.mark.slow
@@ -315,12 +315,12 @@ def test_sigterm_drains_every_model(
                 )
                 for model in ("a", "b", "a", "b")
             ]
-            await queued(http, 2)  # one per model queued, one per model in its held worker
-            ready = (await http.get("/ready")).json()
-            assert ready["models"] == {
-                "a": {"workers": 1, "queued": 1},
-                "b": {"workers": 1, "queued": 1},
-            }
+            # each model: one request in its held worker, one queued (a state that lasts)
+            held = {"a": {"workers": 1, "queued": 1}, "b": {"workers": 1, "queued": 1}}
+            deadline = time.monotonic() + 60
+            while (await http.get("/ready")).json().get("models") != held:
+                assert time.monotonic() < deadline, "the requests never queued"
+                await asyncio.sleep(0.05)
             os.kill(service.proc.pid, signal.SIGTERM)
             await asyncio.to_thread(service.wait_for_log, "Shutting down")
             service.release()
