@@ -25,7 +25,9 @@ class ModelEntry(BaseModel):
     name: str | None = Field(
         None, pattern=_NAME_PATTERN, description="Served name (default: folder name or id)."
     )
-    aliases: list[str] = Field(default_factory=list, description="Other accepted names.")
+    aliases: list[Annotated[str, Field(pattern=_NAME_PATTERN)]] = Field(
+        default_factory=list, max_length=64, description="Other accepted names."
+    )
     language: str | None = Field(
         None, max_length=16, description="As `STT_LANGUAGE`, for this model."
     )
@@ -87,6 +89,7 @@ class Settings(BaseSettings):
     )
     models: Annotated[list[ModelEntry], NoDecode] = Field(
         default_factory=list,
+        max_length=64,
         description="Several models in one server: `name=folder-or-id,name2=...` (or bare "
         "folders/ids, or a JSON list of {model, name, aliases, language, device, cpu_workers, "
         "cpu_threads}); the first is the default. Exclusive with model/model_dir/model_name.",
