@@ -10,12 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
+from service.engine import engine as engine_module
 from service.engine.engine import Engine
 from service.engine.registry import Engines
 from service.engine.types import GenerationParams, Job
 from service.errors import ModelNotFound
+from service.metrics import Metrics
 from service.settings import Settings
+from tests.engine.test_gpu_paths import FakeCuda, FakeCudaReplica
 
 
 def models(checkpoints: dict[str, Path], **extra: dict[str, object]) -> str:
@@ -95,5 +99,56 @@ def test_one_model_is_one_engine_as_before(checkpoints: dict[str, Path]) -> None
         assert isinstance(engine, Engine)
         assert engine.settings is settings
         assert engines.names() == ["tiny"]
+    finally:
+        engines.stop()
+
+
+def test_models_get_their_share_of_the_gpus(
+    checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two fake CUDA devices (tests/engine/test_gpu_paths.py: the replicas really run, on the
+    CPU, on CUDA's path), three models: disjoint devices while there are enough, then shared;
+    each model's workers and CUDA memory are reported under its own `model` label."""
+    cuda = FakeCuda(monkeypatch, 2)
+    FakeCudaReplica.requested = []
+    monkeypatch.setattr(engine_module, "ModelAdapter", FakeCudaReplica)
+    three = json.dumps(
+        [
+            {"model": str(checkpoints["wav2vec2-bert"]), "name": "a"},
+            {"model": str(checkpoints["hubert-gpt2"]), "name": "b"},
+            {"model": str(checkpoints["wav2vec2-bert"]), "name": "c"},
+        ]
+    )
+    metrics = Metrics(by_model=True)
+    engines = Engines.load(Settings(models=three, warmup=False), metrics)  # type: ignore[arg-type]
+    try:
+        asked = [device for device, _ in FakeCudaReplica.requested]
+        assert asked == ["cuda:0", "cuda:1", "cuda:0"]
+        for engine in engines:
+            for worker in engine.pool.workers:
+                worker.device = worker.adapter.fake_device  # type: ignore[attr-defined]
+        engines.start()
+        samples = [
+            s
+            for family in text_string_to_metric_families(metrics.render().decode())
+            for s in family.samples
+        ]
+        up = {
+            (s.labels["model"], s.labels["device"])
+            for s in samples
+            if s.name == "stt_worker_up" and s.value == 1.0
+        }
+        assert up == {("a", "cuda:0"), ("b", "cuda:1"), ("c", "cuda:0")}
+        memory = {
+            (s.labels["model"], s.labels["device"]): s.value
+            for s in samples
+            if s.name == "stt_cuda_memory_allocated_bytes"
+        }
+        # a device two models share is reported under each of them
+        assert memory == {
+            ("a", "cuda:0"): cuda.allocated["cuda:0"],
+            ("b", "cuda:1"): cuda.allocated["cuda:1"],
+            ("c", "cuda:0"): cuda.allocated["cuda:0"],
+        }
     finally:
         engines.stop()
