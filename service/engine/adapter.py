@@ -38,6 +38,7 @@ from service.engine.buckets import bucket_samples
 from service.engine.fastpath import FastPath, FastPathOptions
 from service.engine.fastpath import apply as apply_fast_paths
 from service.engine.flax import load_flax
+from service.engine.timestamps import TimedSegment
 from service.engine.types import GenerationParams, WordTiming
 from service.engine.whisper import WhisperSupport
 from service.errors import InvalidRequest, StartupError, Unsupported
@@ -62,6 +63,7 @@ class Decoded:
     logprobs: list[float]
     words: list[WordTiming] | None = None
     language: str | None = None  # the language decoded in, where the model says (Whisper)
+    segments: list[TimedSegment] | None = None  # Whisper's, from its timestamp tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -847,6 +849,9 @@ class ModelAdapter:
         rows_out = zip(generated.tolist(), scores.float().tolist(), prompts, strict=True)
         for ids_t, lp_t, prompt in rows_out:
             tokens, logprobs = [], []
+            segments = None
+            if params.timestamps and self.whisper is not None:
+                segments = self.whisper.segments(ids_t, lp_t, eos_ids)
             for token, logprob in zip(ids_t, lp_t, strict=True):
                 if token in eos_ids:
                     break
@@ -858,7 +863,15 @@ class ModelAdapter:
                 logprobs.append(round(float(logprob), 4))
             text = str(self.tokenizer.decode(tokens, skip_special_tokens=True)).strip()
             language = self.whisper.language_used(prompt, params) if self.whisper else forced
-            rows.append(Decoded(text=text, tokens=tokens, logprobs=logprobs, language=language))
+            rows.append(
+                Decoded(
+                    text=text,
+                    tokens=tokens,
+                    logprobs=logprobs,
+                    language=language,
+                    segments=segments,
+                )
+            )
         return rows
 
     def _forced_language(self, params: GenerationParams) -> str | None:
