@@ -45,6 +45,7 @@ class Engine:
             sampling_rate=self.info.sampling_rate,
             padding_invariant=self.info.padding_invariant,
             length_free=self.info.encode_separately,
+            steppable=self.adapter.steppable if settings.batching == "continuous" else None,
         )
         self.audio_budget = AudioBudget(
             settings.max_inflight_audio_seconds,
@@ -53,7 +54,14 @@ class Engine:
         )
         cpu_workers = sum(a.device.type == "cpu" for a in adapters)
         share = (os.cpu_count() or 1) if cpu_workers > 1 and not settings.cpu_threads else 0
-        self.pool = WorkerPool(adapters, self.scheduler, share_cores=share, metrics=self.metrics)
+        self.pool = WorkerPool(
+            adapters,
+            self.scheduler,
+            share_cores=share,
+            metrics=self.metrics,
+            continuous=settings.batching == "continuous",
+            join_per_step=settings.join_per_step,
+        )
         self.started = False
         self.metrics.model.info(
             {
