@@ -140,6 +140,7 @@ class Worker:
         self.current = [*self.current, *jobs]
         self.pool.before_batch(self, jobs)
         rows = []
+        self.adapter._clock = {}  # features and encoder seconds, ticked by the adapter
         with self.pool.cpu_share():
             for job in jobs:  # each alone: one request's bad input fails that request only
                 try:
@@ -150,6 +151,10 @@ class Worker:
                 rows.append(
                     Row.start(self.adapter, job.params, encoded, sink=job.on_token, job=job)
                 )
+        metrics = self.pool.metrics
+        for stage, seconds in self.adapter._clock.items():
+            metrics.observe_stage(stage, seconds)
+        metrics.worker_batches.labels(worker=str(self.index), device=self.device).inc()
         if not rows:
             return []
         for row in rows:
@@ -206,6 +211,7 @@ class Worker:
         metrics.step_duration.labels(part="total").observe(elapsed)
         metrics.step_duration.labels(part="model").observe(batch.model_seconds)
         metrics.step_rows.observe(len(batch))
+        metrics.observe_stage("decoding", elapsed)
         metrics.worker_busy.labels(worker=str(self.index), device=self.device).inc(elapsed)
         return [batch]
 
@@ -234,9 +240,11 @@ class Worker:
     def _answer(self, row: Row) -> None:
         job = row.job
         adapter = self.adapter
+        clock = time.perf_counter()
         decoded = adapter.decoded(
             row.generated, row.logprobs, row.ids[: row.prompt_length], job.params
         )
+        self.pool.metrics.observe_stage("detokenize", time.perf_counter() - clock)
         if job.params.words:
             decoded.words = adapter.word_timings(job.audio, decoded.tokens)
         now = time.monotonic()
