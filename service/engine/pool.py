@@ -83,13 +83,15 @@ class Worker:
         scheduler = self.pool.scheduler
         # one running batch, or several after an out-of-memory split (kept apart until idle)
         batches: list[Batch] = []
-        while not self.pool.stopping.is_set():
+        while batches or not self.pool.stopping.is_set():
             running = sum(len(batch) for batch in batches)
             if not batches:
                 self.max_rows = scheduler.max_batch_size
                 jobs = scheduler.next_batch(timeout=0.5)
                 if not jobs and scheduler.depth == 0 and self.pool.draining.is_set():
                     return
+            elif self.pool.stopping.is_set():  # past the drain timeout: finish what runs
+                jobs = []
             else:
                 room = min(self.pool.join_per_step, self.max_rows - running)
                 held = sum(row.job.samples for batch in batches for row in batch.rows)
@@ -102,9 +104,6 @@ class Worker:
             self.current = self._jobs_of(batches)
             batches = [part for batch in batches for part in self._advance(batch)]
             self.current = self._jobs_of(batches)
-        for job in self._jobs_of(batches):
-            job.fail(Unavailable("the service shut down before this request could finish"))
-        self.current = []
 
     def _merge(self, batches: list[Batch]) -> list[Batch]:
         """Neighbouring batches merged while they fit `max_rows` together."""
@@ -155,6 +154,7 @@ class Worker:
         for stage, seconds in self.adapter._clock.items():
             metrics.observe_stage(stage, seconds)
         metrics.worker_batches.labels(worker=str(self.index), device=self.device).inc()
+        metrics.batch_size.observe(len(jobs))  # requests per batch: those that start together
         if not rows:
             return []
         for row in rows:
@@ -256,7 +256,6 @@ class Worker:
         metrics = self.pool.metrics
         metrics.audio_seconds.inc(job.samples / rate)
         metrics.tokens.inc(len(decoded.tokens))
-        metrics.batch_size.observe(row.companions)
         job.resolve(
             Transcript(
                 text=decoded.text,
