@@ -40,6 +40,7 @@ class Worker:
         self.device = str(adapter.device)
         self.current: list[Job] = []
         self.max_rows = pool.scheduler.max_batch_size  # halved by an out-of-memory step
+        self._since = time.perf_counter()  # continuous: when the last rows finished
         self.batches_run = 0
         self.busy_seconds = 0.0
         self.thread = threading.Thread(target=self._main, name=f"worker-{index}", daemon=True)
@@ -88,6 +89,7 @@ class Worker:
             if not batches:
                 self.max_rows = scheduler.max_batch_size
                 jobs = scheduler.next_batch(timeout=0.5)
+                self._since = time.perf_counter()  # busy from here: the throughput clock
                 if not jobs and scheduler.depth == 0 and self.pool.draining.is_set():
                     return
             elif self.pool.stopping.is_set():  # past the drain timeout: finish what runs
@@ -172,10 +174,16 @@ class Worker:
     def _finish(self, batches: list[Batch]) -> list[Batch]:
         """Answer the rows that finished at the last step; the batches of the others."""
         out = []
+        rate = self.adapter.info.sampling_rate
         for batch in batches:
             finished = [row for row in batch.rows if row.finished]
             for row in finished:
                 self._answer(row)
+            if finished:  # audio done per busy second, as a static batch reports it
+                now = time.perf_counter()
+                audio = sum(row.job.samples for row in finished) / rate
+                self.pool.scheduler.record_throughput(audio, now - self._since)
+                self._since = now
             self.pool.metrics.rows_left.labels(reason="finished").inc(len(finished))
             rest = batch.filter([row for row in batch.rows if not row.finished])
             if rest is not None:
@@ -252,7 +260,6 @@ class Worker:
         rate = adapter.info.sampling_rate
         elapsed = now - started
         self.batches_run += 1
-        self.pool.scheduler.record_throughput(job.samples / rate, elapsed / max(1, row.companions))
         metrics = self.pool.metrics
         metrics.audio_seconds.inc(job.samples / rate)
         metrics.tokens.inc(len(decoded.tokens))
