@@ -11,7 +11,7 @@ batching (`STT_BATCHING=static`: one `generate` per batch), (b) the same service
 servers driven over HTTP by `--concurrency` clients; (c) the offline limit, the model's adapter
 called directly on length-sorted batches, no HTTP.
 
-`--mixed` adds (d): a model that never stops early (its generation config forces 120 tokens)
+`--mixed` adds (d): a model that never stops early (its generation config suppresses EOS)
 asked for 5 to 120 tokens per request (`max_new_tokens`, drawn from 5, 10, 20, 40, 80, 120;
 static batching only batches requests asking for the same count), sent as Poisson arrivals at
 0.5x, 0.9x and 1.2x the capacity of the static service (measured first, closed loop, on the
@@ -239,7 +239,7 @@ def build_base_size(out_dir: Path, tokens: int, tiny: bool = False) -> Path:
             k: getattr(model.config, k)
             for k in ("decoder_start_token_id", "pad_token_id", "eos_token_id")
         },
-        min_new_tokens=tokens,
+        suppress_tokens=[model.config.eos_token_id],  # never stops early, warns of nothing
         max_new_tokens=tokens,
     )
     model.save_pretrained(out_dir)

@@ -237,11 +237,9 @@ class Worker:
         """Rows whose client left or whose deadline passed: they stop costing compute now."""
         for row in rows:
             job = row.job
-            if job.expired() and not job.cancelled:
+            reason = "deadline" if job.expired() else "client_gone"
+            if reason == "deadline":  # (its waiter may have answered 504 already)
                 job.fail(DeadlineExceeded("the request's deadline passed while it was decoding"))
-                reason = "deadline"
-            else:
-                reason = "client_gone"
             self.pool.on_drop(job, reason)
             self.pool.metrics.rows_left.labels(reason=reason).inc()
 

@@ -11,7 +11,7 @@ import torch
 
 from service.engine.engine import ClientGone, Engine
 from service.engine.types import GenerationParams
-from service.errors import ModelFailure, Unavailable
+from service.errors import DeadlineExceeded, ModelFailure, Unavailable
 from tests.checkpoints import KINDS
 from tests.conftest import settings_for
 
@@ -277,3 +277,35 @@ def test_requests_arriving_while_a_batch_encodes_join_its_decoder_steps(
     alone, joined = asyncio.run(run())
     assert [r.batch_size for r in joined] == [4, 4, 4, 4]  # one batch, not 1 + 3
     assert [r.tokens for r in joined] == [r.tokens for r in alone]
+
+
+def test_a_row_past_its_deadline_leaves_the_running_batch_at_the_next_step(engine_for) -> None:
+    engine = engine_for(request_timeout_s=1.0)
+    adapter = engine.pool.workers[0].adapter
+    step = adapter.decoder_step
+    passed = threading.Event()
+    steps: list[list[int]] = []  # per step: each row's samples
+
+    def decoder_step(ids, positions, self_mask, hidden, input_mask, cache):  # type: ignore[no-untyped-def]
+        steps.append([int(n) for n in input_mask.sum(dim=1)])
+        if len(steps) == 2:  # the row is running: hold it until its deadline has passed
+            assert passed.wait(30)
+        return step(ids, positions, self_mask, hidden, input_mask, cache)
+
+    adapter.decoder_step = decoder_step  # type: ignore[method-assign]
+    left = engine.metrics.rows_left.labels(reason="deadline")
+    before = left._value.get()
+
+    async def run():
+        with pytest.raises(DeadlineExceeded):
+            await engine.transcribe(clips([1.0])[0], GenerationParams(max_new_tokens=40))
+        passed.set()
+        return await engine.transcribe(clips([0.5])[0], PARAMS)
+
+    assert asyncio.run(run()).tokens
+    assert left._value.get() == before + 1
+    # two steps (the first and the held one), then it left: every later step is the next
+    # request's alone
+    assert steps[:2] == [[16_000], [16_000]]
+    assert all(rows == [8_000] for rows in steps[2:])
+    assert engine.scheduler.depth == 0
