@@ -250,6 +250,7 @@ class ModelAdapter:
         )
         self.max_target_length = self._max_target_length(config)
         self._step_positions: torch.Tensor | None = None  # per-row positions of a step
+        self._fairseq_pad: int | None = None  # Speech2Text: positions skip pad tokens
         self._can_step = self.whisper is None and self._hook_positions()
         self.info = self._describe(name, config)
         log.info(
@@ -296,6 +297,11 @@ class ModelAdapter:
 
         encoder.register_forward_pre_hook(before)
         encoder.register_forward_hook(after)
+
+    def take_clock(self) -> dict[str, float]:
+        """Seconds per stage (features, encoder, ...) since the last call, and a fresh clock."""
+        clock, self._clock = self._clock, {}
+        return clock
 
     def _tick(self, stage: str, seconds: float) -> None:
         self._clock[stage] = self._clock.get(stage, 0.0) + seconds
@@ -631,10 +637,11 @@ class ModelAdapter:
             table, offset = module.weight, int(module.offset)
         elif decoder_type == "speech_to_text":
             module = model.model.decoder.embed_positions
-            offset = int(module.padding_idx) + 1  # fairseq positions start after the pad id
+            # fairseq positions: from the pad id + 1, and a pad token at the pad id
+            self._fairseq_pad = int(module.padding_idx)
 
             def lookup(positions: torch.Tensor) -> torch.Tensor:
-                return module.weights[positions + offset]
+                return module.weights[positions]
 
             module.register_forward_hook(self._position_hook(lookup))
             return True
@@ -650,6 +657,20 @@ class ModelAdapter:
             return lookup(self._step_positions).to(output.dtype)
 
         return hook
+
+    def step_positions(self, histories: Sequence[list[int]], width: int) -> torch.Tensor:
+        """Each row's positions for the last `width` tokens of its ids (`histories`), as the
+        decoder would number them alone: their indices, or for Speech2Text fairseq's numbering
+        (from the pad id + 1; a pad token itself sits at the pad id, the zero embedding)."""
+        pad = self._fairseq_pad
+        rows = []
+        for ids in histories:
+            if pad is None:
+                rows.append(list(range(len(ids) - width, len(ids))))
+                continue
+            first = len(ids) - width
+            rows.append([pad if ids[k] == pad else pad + 1 + k for k in range(first, len(ids))])
+        return torch.tensor(rows, device=self.device)
 
     def steppable(self, params: GenerationParams) -> bool:
         """Whether requests with `params` decode in the engine's own loop (`batch.Batch`):

@@ -183,8 +183,7 @@ class Batch:
         else:
             ids = torch.tensor([[row.ids[-1]] for row in self.rows], device=device)
         width = ids.shape[1]
-        done = self.self_mask.sum(dim=1, keepdim=True)  # each row's tokens so far
-        positions = done + torch.arange(width, device=device)
+        positions = self.adapter.step_positions([row.ids for row in self.rows], width)
         ones = torch.ones((len(self.rows), width), dtype=torch.long, device=device)
         mask = torch.cat([self.self_mask, ones], dim=1)
         saved = _layers(self.cache.self_attention_cache) if self.cache is not None else None

@@ -140,20 +140,15 @@ class Worker:
             return []
         self.current = [*self.current, *jobs]
         self.pool.before_batch(self, jobs)
-        rows = []
-        self.adapter._clock = {}  # features and encoder seconds, ticked by the adapter
+        self.adapter.take_clock()
         with self.pool.cpu_share():
-            for job in jobs:  # each alone: one request's bad input fails that request only
-                try:
-                    (encoded,) = self.adapter.encode([job.audio])
-                except Exception as exc:
-                    self._fail([job], exc)
-                    continue
-                rows.append(
-                    Row.start(self.adapter, job.params, encoded, sink=job.on_token, job=job)
-                )
+            encoded = self._encode(jobs)
+        rows = [
+            Row.start(self.adapter, job.params, state, sink=job.on_token, job=job)
+            for job, state in encoded
+        ]
         metrics = self.pool.metrics
-        for stage, seconds in self.adapter._clock.items():
+        for stage, seconds in self.adapter.take_clock().items():
             metrics.observe_stage(stage, seconds)
         metrics.worker_batches.labels(worker=str(self.index), device=self.device).inc()
         metrics.batch_size.observe(len(jobs))  # requests per batch: those that start together
@@ -163,6 +158,25 @@ class Worker:
             row.job.started_at = time.monotonic()
         self.pool.metrics.rows_joined.inc(len(rows))
         return self._finish(self._step(Batch.from_rows(self.adapter, rows)))
+
+    def _encode(self, jobs: list[Job]) -> list[tuple[Job, tuple[torch.Tensor, int]]]:
+        """Each job's encoder output; if encoding them together fails, each is encoded alone,
+        so one request's bad input (or one too large for memory) fails that request only."""
+        try:
+            return list(zip(jobs, self.adapter.encode([job.audio for job in jobs]), strict=True))
+        except Exception as exc:
+            if len(jobs) == 1:
+                self._fail(jobs, exc)
+                return []
+        out = []
+        for job in jobs:
+            try:
+                (state,) = self.adapter.encode([job.audio])
+            except Exception as exc:
+                self._fail([job], exc)
+                continue
+            out.append((job, state))
+        return out
 
     def _advance(self, batch: Batch) -> list[Batch]:
         """Drop rows no longer wanted, take one step, answer the rows that finished."""
