@@ -160,23 +160,27 @@ class Worker:
         return self._finish(self._step(Batch.from_rows(self.adapter, rows)))
 
     def _encode(self, jobs: list[Job]) -> list[tuple[Job, tuple[torch.Tensor, int]]]:
-        """Each job's encoder output; if encoding them together fails, each is encoded alone,
-        so one request's bad input (or one too large for memory) fails that request only."""
+        """Each job's encoder output. Encoding that fails is retried in halves, so one
+        request's bad input (or one too large for memory) fails that request only."""
         try:
             return list(zip(jobs, self.adapter.encode([job.audio for job in jobs]), strict=True))
         except Exception as exc:
+            self._count_failure(exc, len(jobs))
             if len(jobs) == 1:
                 self._fail(jobs, exc)
                 return []
-        out = []
-        for job in jobs:
-            try:
-                (state,) = self.adapter.encode([job.audio])
-            except Exception as exc:
-                self._fail([job], exc)
-                continue
-            out.append((job, state))
-        return out
+            half = len(jobs) // 2
+            return self._encode(jobs[:half]) + self._encode(jobs[half:])
+
+    def _count_failure(self, exc: Exception, rows: int) -> None:
+        """Count a failed encode or step; out of memory also halves the running rows allowed
+        (joins wait until rows leave) and clears the device's cache."""
+        error = "out_of_memory" if isinstance(exc, torch.OutOfMemoryError) else "model_error"
+        self.pool.metrics.worker_failures.labels(error=error).inc()
+        if error == "out_of_memory":
+            self.max_rows = max(1, min(self.max_rows, rows // 2))
+            if self.device.startswith("cuda"):
+                torch.cuda.empty_cache()
 
     def _advance(self, batch: Batch) -> list[Batch]:
         """Drop rows no longer wanted, take one step, answer the rows that finished."""
@@ -214,12 +218,7 @@ class Worker:
             with self.pool.cpu_share():
                 batch.step()
         except Exception as exc:
-            error = "out_of_memory" if isinstance(exc, torch.OutOfMemoryError) else "model_error"
-            self.pool.metrics.worker_failures.labels(error=error).inc()
-            if error == "out_of_memory":
-                self.max_rows = max(1, min(self.max_rows, len(batch) // 2))
-                if self.device.startswith("cuda"):
-                    torch.cuda.empty_cache()
+            self._count_failure(exc, len(batch))
             if len(batch) == 1:
                 self._fail([batch.rows[0].job], exc)
                 return []
