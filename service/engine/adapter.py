@@ -37,6 +37,7 @@ from service.audio.windows import FRAME_SECONDS, voiced_frames
 from service.engine import align, checkpoint
 from service.engine.buckets import bucket_samples
 from service.engine.flax import load_flax
+from service.engine.timestamps import TimedSegment
 from service.engine.types import GenerationParams, WordTiming
 from service.engine.whisper import WhisperSupport
 from service.errors import InvalidRequest, StartupError, Unsupported
@@ -61,6 +62,7 @@ class Decoded:
     logprobs: list[float]
     words: list[WordTiming] | None = None
     language: str | None = None  # the language decoded in, where the model says (Whisper)
+    segments: list[TimedSegment] | None = None  # Whisper's, from its timestamp tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -951,6 +953,9 @@ class ModelAdapter:
         special = set(self.tokenizer.all_special_ids)
         pad = self.model.generation_config.pad_token_id
         eos_ids = self._eos_ids()
+        segments = None
+        if params.timestamps and self.whisper is not None:
+            segments = self.whisper.segments(generated, logprobs, eos_ids)
         tokens, kept = [], []
         for token, logprob in zip(generated, logprobs, strict=True):
             if token in eos_ids:
@@ -967,7 +972,9 @@ class ModelAdapter:
             if self.whisper
             else self._forced_language(params)
         )
-        return Decoded(text=text, tokens=tokens, logprobs=kept, language=language)
+        return Decoded(
+            text=text, tokens=tokens, logprobs=kept, language=language, segments=segments
+        )
 
     def _forced_language(self, params: GenerationParams) -> str | None:
         """The target language an mBART-style decoder was forced to, else None (unknown).

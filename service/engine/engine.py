@@ -30,11 +30,17 @@ class Engine:
     """One model served by a pool of device workers behind one scheduler."""
 
     def __init__(
-        self, settings: Settings, adapters: list[ModelAdapter], metrics: Metrics | None = None
+        self,
+        settings: Settings,
+        adapters: list[ModelAdapter],
+        metrics: Metrics | None = None,
+        *,
+        cores: int | None = None,
     ) -> None:
         self.settings = settings
-        self.metrics = metrics or Metrics()
         self.info: ModelInfo = adapters[0].info
+        # this model's view: every metric labelled with its name when a server has several
+        self.metrics = (metrics or Metrics()).for_model(self.info.name)
         self.adapter = adapters[0]  # for request validation; every replica is alike
         self.scheduler = Scheduler(
             max_batch_size=settings.max_batch_size,
@@ -53,7 +59,8 @@ class Engine:
             on_change=self.metrics.inflight_audio.set,
         )
         cpu_workers = sum(a.device.type == "cpu" for a in adapters)
-        share = (os.cpu_count() or 1) if cpu_workers > 1 and not settings.cpu_threads else 0
+        cores = cores or os.cpu_count() or 1  # this model's share of them (`Settings.split_for`)
+        share = cores if cpu_workers > 1 and not settings.cpu_threads else 0
         self.pool = WorkerPool(
             adapters,
             self.scheduler,
@@ -62,6 +69,8 @@ class Engine:
             continuous=settings.batching == "continuous",
             join_per_step=settings.join_per_step,
         )
+        if cpu_workers and not share:  # each worker thread sets it: several models, one process
+            self.pool.threads = settings.threads_per_cpu_worker(cores, cpu_workers)
         self.started = False
         self.metrics.model.info(
             {
@@ -84,13 +93,16 @@ class Engine:
         )
 
     @classmethod
-    def load(cls, settings: Settings, metrics: Metrics | None = None) -> "Engine":
+    def load(
+        cls, settings: Settings, metrics: Metrics | None = None, *, cores: int | None = None
+    ) -> "Engine":
         """Load one replica per device and warm each up (blocking: call off the event loop).
 
         With `cpu_workers` left at 0 the number of CPU replicas depends on the model's size, so
-        the first replica is loaded before the others are counted.
+        the first replica is loaded before the others are counted. `cores`: the CPU cores this
+        model's workers share (default: the machine's; a server of several models splits them).
         """
-        cores = os.cpu_count() or 1
+        cores = cores or os.cpu_count() or 1
         devices = settings.devices(torch.cuda.device_count(), cores)
         folder = checkpoint.resolve(settings.model) if settings.model else settings.model_dir
         first = ModelAdapter(folder, settings.served_name, devices[0], settings.dtype)
@@ -113,7 +125,7 @@ class Engine:
             adapters.append(adapter)
         # probed once, at start-up, on the replica that validates requests
         log.info("the encoder takes inputs of %d samples or more", first.min_samples)
-        return cls(settings, adapters, metrics)
+        return cls(settings, adapters, metrics, cores=cores)
 
     def start(self) -> None:
         self.pool.start()

@@ -360,6 +360,7 @@ class Worker:
                     compute_seconds=elapsed,
                     batch_size=len(jobs),
                     words=row.words,
+                    segments=row.segments,
                 )
             )
         self.pool.after_batch(self, jobs, elapsed)
@@ -430,6 +431,7 @@ class WorkerPool:
         self.join_per_step = join_per_step
         self.metrics = metrics or Metrics()
         self.share_cores = share_cores  # >0: busy CPU workers split this many cores
+        self.threads = 0  # >0 (and no sharing): torch threads each worker thread sets for itself
         self._busy = 0
         self.stopping = threading.Event()
         self.draining = threading.Event()
@@ -447,6 +449,9 @@ class WorkerPool:
         each (throughput), and the split follows each start and end of a batch.
         """
         if not self.share_cores:
+            if self.threads and torch.get_num_threads() != self.threads:
+                # read first: a thread's first read copies the process's count over its own
+                torch.set_num_threads(self.threads)
             yield
             return
         with self._lock:
