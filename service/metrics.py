@@ -284,6 +284,35 @@ class Metrics:
             labelnames=self._labels(),
             registry=registry,
         )
+        # --- continuous batching: the decoder steps of the engine's own loop ---
+        self.step_duration = Histogram(
+            f"{p}_decoder_step_duration_seconds",
+            "Wall time of one decoder step of a running batch, by part: total (the step, "
+            "token choice included) and model (the decoder forward alone)",
+            self._labels("part"),
+            buckets=STAGE_BUCKETS,
+            registry=registry,
+        )
+        self.step_rows = Histogram(
+            f"{p}_decoder_step_rows",
+            "Rows of the running batch in one decoder step",
+            buckets=BATCH_BUCKETS,
+            labelnames=self._labels(),
+            registry=registry,
+        )
+        self.rows_joined = Counter(
+            f"{p}_rows_joined",
+            "Requests that joined a running batch (encoded, first decoder step taken)",
+            labelnames=self._labels(),
+            registry=registry,
+        )
+        self.rows_left = Counter(
+            f"{p}_rows_left",
+            "Requests that left a running batch, by reason (finished, client_gone, deadline, "
+            "failed)",
+            self._labels("reason"),
+            registry=registry,
+        )
         self.stage_duration = Histogram(
             f"{p}_stage_duration_seconds",
             "Time per pipeline stage: decode (per request), features, encoder, decoding and "

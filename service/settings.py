@@ -133,6 +133,18 @@ class Settings(BaseSettings):
     )
 
     # --- batching and queueing ---
+    batching: Literal["continuous", "static"] = Field(
+        "continuous",
+        description="`continuous`: the engine's own loop, one decoder step at a time, rows "
+        "joining and leaving between steps; `static`: each batch is one `generate` call.",
+    )
+    join_per_step: int = Field(
+        4,
+        ge=1,
+        le=256,
+        description="Continuous batching: most newcomers encoded between two decoder steps "
+        "(bounds the stall a running row suffers to that many encodes).",
+    )
     max_batch_size: int = Field(16, ge=1, le=256, description="Most requests in one batch.")
     max_wait_ms: float = Field(
         5.0, ge=0, le=1000, description="How long a batch's first request waits for company."

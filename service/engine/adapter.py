@@ -29,6 +29,7 @@ from transformers import (
     StoppingCriteria,
     StoppingCriteriaList,
 )
+from transformers.cache_utils import EncoderDecoderCache
 from transformers.generation.streamers import BaseStreamer
 from transformers.modeling_outputs import BaseModelOutput
 
@@ -283,6 +284,9 @@ class ModelAdapter:
             else None
         )
         self.max_target_length = self._max_target_length(config)
+        self._step_positions: torch.Tensor | None = None  # per-row positions of a step
+        self._fairseq_pad: int | None = None  # Speech2Text: positions skip pad tokens
+        self._can_step = self.whisper is None and self._hook_positions()
         self.info = self._describe(name, config)
         log.info(
             "loaded %s (%s) on %s as %s", name, self.info.architecture, self.device, self.dtype
@@ -328,6 +332,11 @@ class ModelAdapter:
 
         encoder.register_forward_pre_hook(before)
         encoder.register_forward_hook(after)
+
+    def take_clock(self) -> dict[str, float]:
+        """Seconds per stage (features, encoder, ...) since the last call, and a fresh clock."""
+        clock, self._clock = self._clock, {}
+        return clock
 
     def _tick(self, stage: str, seconds: float) -> None:
         self._clock[stage] = self._clock.get(stage, 0.0) + seconds
@@ -661,6 +670,157 @@ class ModelAdapter:
                 out[i] = (hidden[index, :frames], len(audios[i]))
         return [row for row in out if row is not None]
 
+    # --- the step-level API of the engine's own decoding loop (`batch.Batch`) ---
+
+    def _hook_positions(self) -> bool:
+        """Let each row of a decoder step have its own position.
+
+        Rows of a running batch joined at different steps, so their histories differ in length
+        (the shorter ones are padded on the left of the KV cache and masked). The decoders read
+        their position from the cache length, one for the whole batch, and BART ignores
+        `position_ids`: a forward hook on the positional embedding replaces its output with each
+        row's own embedding (`_step_positions`) while a step runs. False for decoders whose
+        positional embedding is not known here: they decode through `generate`.
+        """
+        model: Any = self.model
+        decoder_type = (
+            model.config.decoder.model_type
+            if model.config.model_type == "speech-encoder-decoder"
+            else model.config.model_type
+        )
+        table: torch.Tensor
+        if decoder_type == "bert":
+            module = model.decoder.bert.embeddings.position_embeddings
+            table, offset = module.weight, 0
+        elif decoder_type == "gpt2":
+            module = model.decoder.transformer.wpe
+            table, offset = module.weight, 0
+        elif decoder_type in ("bart", "mbart"):
+            module = model.decoder.model.decoder.embed_positions
+            table, offset = module.weight, int(module.offset)
+        elif decoder_type == "speech_to_text":
+            module = model.model.decoder.embed_positions
+            # fairseq positions: from the pad id + 1, and a pad token at the pad id
+            self._fairseq_pad = int(module.padding_idx)
+
+            def lookup(positions: torch.Tensor) -> torch.Tensor:
+                return module.weights[positions]
+
+            module.register_forward_hook(self._position_hook(lookup))
+            return True
+        else:
+            return False
+        module.register_forward_hook(self._position_hook(lambda p: table[p + offset]))
+        return True
+
+    def _position_hook(self, lookup: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+        def hook(module: torch.nn.Module, args: object, output: torch.Tensor) -> Any:
+            if self._step_positions is None:
+                return None  # `generate` and every other caller: the module's own output
+            return lookup(self._step_positions).to(output.dtype)
+
+        return hook
+
+    def step_positions(self, histories: Sequence[list[int]], width: int) -> torch.Tensor:
+        """Each row's positions for the last `width` tokens of its ids (`histories`), as the
+        decoder would number them alone: their indices, or for Speech2Text fairseq's numbering
+        (from the pad id + 1; a pad token itself sits at the pad id, the zero embedding)."""
+        pad = self._fairseq_pad
+        rows = []
+        for ids in histories:
+            if pad is None:
+                rows.append(list(range(len(ids) - width, len(ids))))
+                continue
+            first = len(ids) - width
+            rows.append([pad if ids[k] == pad else pad + 1 + k for k in range(first, len(ids))])
+        return torch.tensor(rows, device=self.device)
+
+    def steppable(self, params: GenerationParams) -> bool:
+        """Whether requests with `params` decode in the engine's own loop (`batch.Batch`):
+        greedy and sampling on every encoder-decoder whose positions the loop can set. Beam
+        search (beams are only decided at the end) and Whisper (its `generate` builds prompts,
+        detects languages and applies timestamp rules) run through `generate`."""
+        return self._can_step and params.num_beams == 1
+
+    @torch.inference_mode()
+    def encode(self, audios: Sequence[np.ndarray]) -> list[tuple[torch.Tensor, int]]:
+        """Each input's encoder output (frames x dim) and the length of its model input (samples
+        or feature frames) that the encoder attention mask covers.
+
+        Each input is encoded alone (no padding reaches the encoder, so the output is what it
+        is alone), except where the encoder is padding invariant: where batched encoding pays
+        (CUDA) one padded forward, each row cut to its own frames; on a CPU short rows of similar
+        length share a call (`_encode_rows`).
+        """
+        axis = 1  # input_values (batch, samples) and input_features (batch, frames, bins)
+        out: list[tuple[torch.Tensor, int]] = []
+        encoder = self.model.get_encoder()
+        if self.info.padding_invariant and not self.info.encode_separately and len(audios) > 1:
+            feats = self.features(audios)
+            hidden = encoder(**feats).last_hidden_state
+            for index, audio in enumerate(audios):
+                frames = self.encoder_frames(len(audio))
+                out.append((hidden[index, :frames], int(feats["attention_mask"][index].sum())))
+        elif self.info.padding_invariant:
+            out = self._encode_rows(list(audios))  # short rows of similar length share a call
+        else:
+            for audio in audios:
+                feats = self.features([audio])
+                hidden = encoder(**feats).last_hidden_state
+                out.append((hidden[0], int(feats[self.info.input_name].shape[axis])))
+        return out
+
+    def decoding_setup(self, params: GenerationParams) -> tuple[list[int], Any, set[int], int]:
+        """What `generate` would decode a request with: its decoder prompt, its logits
+        processors (built by transformers' own `_get_logits_processor` from the same generation
+        config, so repetition penalty, forced tokens, suppression and the sampling warpers are
+        exactly `generate`'s), its end-of-sequence ids and its maximum length."""
+        kwargs = self.generate_kwargs(params)
+        for key in ("return_dict_in_generate", "output_scores", "use_cache", "num_beams"):
+            kwargs.pop(key, None)
+        model: Any = self.model
+        config, _ = model._prepare_generation_config(None, **kwargs)
+        model._prepare_special_tokens(config, False, device=self.device)
+        start = config.decoder_start_token_id
+        prompt = [int(start)] if isinstance(start, int) else [int(t) for t in start]
+        config.max_length = config.max_new_tokens + len(prompt)
+        processors = model._get_logits_processor(
+            generation_config=config,
+            input_ids_seq_length=len(prompt),
+            encoder_input_ids=None,
+            device=self.device,
+            model_kwargs={},
+        )
+        return prompt, processors, self._eos_ids(), int(config.max_length)
+
+    @torch.inference_mode()
+    def decoder_step(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        self_mask: torch.Tensor,
+        hidden: torch.Tensor,
+        input_mask: torch.Tensor,
+        cache: EncoderDecoderCache | None,
+    ) -> tuple[torch.Tensor, EncoderDecoderCache]:
+        """One decoder forward for a batch: `ids` (rows x new tokens) at `positions`, attending
+        to the cached positions where `self_mask` is 1 and to the encoder frames of `hidden` that
+        `input_mask` (model input level, as the encoder was fed) covers. Returns the last
+        position's logits (float32) and the updated cache."""
+        self._step_positions = positions
+        try:
+            out = self.model(
+                encoder_outputs=BaseModelOutput(last_hidden_state=hidden),
+                attention_mask=input_mask,
+                decoder_input_ids=ids,
+                decoder_attention_mask=self_mask,
+                cache=cache,
+                use_cache=True,
+            )
+        finally:
+            self._step_positions = None
+        return out.logits[:, -1].float(), out.cache
+
     def encoder_frames(self, samples: int) -> int:
         """How many encoder frames (the audio tokens the decoder attends to) `samples` make."""
         encoder = self.model.get_encoder()
@@ -841,38 +1001,44 @@ class ModelAdapter:
         steps = scores.shape[1]
         generated = sequences[:, -steps:] if steps else sequences[:, :0]
         prompts = sequences[:, : sequences.shape[1] - steps].tolist()
+        rows_out = zip(generated.tolist(), scores.float().tolist(), prompts, strict=True)
+        return [self.decoded(ids, lps, prompt, params) for ids, lps, prompt in rows_out]
+
+    def decoded(
+        self,
+        generated: list[int],
+        logprobs: list[float],
+        prompt: list[int],
+        params: GenerationParams,
+    ) -> Decoded:
+        """One row's result from its generated ids and their log-probabilities: text tokens up
+        to the first end-of-sequence (special, pad and non-text tokens left out), the text,
+        and the language it was decoded in."""
         special = set(self.tokenizer.all_special_ids)
         pad = self.model.generation_config.pad_token_id
         eos_ids = self._eos_ids()
-        rows = []
-        forced = self._forced_language(params)
-        rows_out = zip(generated.tolist(), scores.float().tolist(), prompts, strict=True)
-        for ids_t, lp_t, prompt in rows_out:
-            tokens, logprobs = [], []
-            segments = None
-            if params.timestamps and self.whisper is not None:
-                segments = self.whisper.segments(ids_t, lp_t, eos_ids)
-            for token, logprob in zip(ids_t, lp_t, strict=True):
-                if token in eos_ids:
-                    break
-                if token == pad or token in special or self._not_text(token):
-                    continue
-                if not np.isfinite(logprob):
-                    continue
-                tokens.append(token)
-                logprobs.append(round(float(logprob), 4))
-            text = str(self.tokenizer.decode(tokens, skip_special_tokens=True)).strip()
-            language = self.whisper.language_used(prompt, params) if self.whisper else forced
-            rows.append(
-                Decoded(
-                    text=text,
-                    tokens=tokens,
-                    logprobs=logprobs,
-                    language=language,
-                    segments=segments,
-                )
-            )
-        return rows
+        segments = None
+        if params.timestamps and self.whisper is not None:
+            segments = self.whisper.segments(generated, logprobs, eos_ids)
+        tokens, kept = [], []
+        for token, logprob in zip(generated, logprobs, strict=True):
+            if token in eos_ids:
+                break
+            if token == pad or token in special or self._not_text(token):
+                continue
+            if not np.isfinite(logprob):
+                continue
+            tokens.append(token)
+            kept.append(round(float(logprob), 4))
+        text = str(self.tokenizer.decode(tokens, skip_special_tokens=True)).strip()
+        language = (
+            self.whisper.language_used(prompt, params)
+            if self.whisper
+            else self._forced_language(params)
+        )
+        return Decoded(
+            text=text, tokens=tokens, logprobs=kept, language=language, segments=segments
+        )
 
     def _forced_language(self, params: GenerationParams) -> str | None:
         """The target language an mBART-style decoder was forced to, else None (unknown).

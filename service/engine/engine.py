@@ -52,6 +52,7 @@ class Engine:
             sampling_rate=self.info.sampling_rate,
             padding_invariant=self.info.padding_invariant,
             length_free=self.info.encode_separately,
+            steppable=self.adapter.steppable if settings.batching == "continuous" else None,
         )
         self.audio_budget = AudioBudget(
             settings.max_inflight_audio_seconds,
@@ -61,7 +62,14 @@ class Engine:
         cpu_workers = sum(a.device.type == "cpu" for a in adapters)
         cores = cores or os.cpu_count() or 1  # this model's share of them (`Settings.split_for`)
         share = cores if cpu_workers > 1 and not settings.cpu_threads else 0
-        self.pool = WorkerPool(adapters, self.scheduler, share_cores=share, metrics=self.metrics)
+        self.pool = WorkerPool(
+            adapters,
+            self.scheduler,
+            share_cores=share,
+            metrics=self.metrics,
+            continuous=settings.batching == "continuous",
+            join_per_step=settings.join_per_step,
+        )
         if cpu_workers and not share:  # each worker thread sets it: several models, one process
             self.pool.threads = settings.threads_per_cpu_worker(cores, cpu_workers)
         self.started = False

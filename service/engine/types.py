@@ -84,6 +84,7 @@ class Job:
     priority: int = 0  # higher runs first (streaming partials)
     id: int = dataclasses.field(default_factory=lambda: next(_ids))
     enqueued_at: float = dataclasses.field(default_factory=time.monotonic)
+    started_at: float | None = None  # when its computation began (continuous batching)
     cancelled: bool = False  # set from the loop when the client leaves; read by workers
     # called on the worker thread with each generated token id and its log-probability
     # (greedy/sampling only)
