@@ -2,6 +2,8 @@
 tokens eager ones give, traffic after warm-up compiles nothing new, the compile cache is found
 again after a restart, and SDPA attention (transformers' default) matches eager attention."""
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -40,6 +42,10 @@ def tokens(adapter: ModelAdapter) -> list[list[int]]:
 
 
 def compiled_matches_eager(model_dir: Path, mode: str) -> None:
+    # a fresh compiler per checkpoint: after three other checkpoints compiled in this process,
+    # Whisper's encoder compiled nothing at warm-up (passes alone; cause not found yet, see
+    # README Fast paths: several compiled models in one process are not verified)
+    torch._dynamo.reset()
     eager = tokens(ModelAdapter(model_dir, "tiny"))
     before = fastpath.stats.compiles
     fast = ModelAdapter(model_dir, "tiny", fast=FastPathOptions(compile=mode))  # type: ignore[arg-type]
@@ -238,25 +244,62 @@ def test_int8_without_torchao_is_a_clear_start_up_error(
         ModelAdapter(checkpoints["wav2vec2-bert"], "tiny", fast=FastPathOptions(quantize="int8"))
 
 
+INT8_CHECK = """
+import sys
+from pathlib import Path
+import torch
+from service.engine.adapter import ModelAdapter
+from service.engine.fastpath import FastPathOptions
+from tests.engine.test_fastpath import PARAMS, clip
+
+model_dir = Path(sys.argv[1])
+eager = ModelAdapter(model_dir, "tiny")
+fast = ModelAdapter(model_dir, "tiny", fast=FastPathOptions(quantize="int8"))
+linear = next(m for m in fast.model.get_encoder().modules() if isinstance(m, torch.nn.Linear))
+assert type(linear.weight).__name__ != "Parameter", type(linear.weight)  # a torchao int8 tensor
+decoder = fast.model.get_decoder()
+decoder_linear = next(m for m in decoder.modules() if isinstance(m, torch.nn.Linear))
+assert type(decoder_linear.weight).__name__ == "Parameter"
+feats = eager.features([clip(2.0, 5)])
+with torch.inference_mode():
+    want = eager.model.get_encoder()(**feats).last_hidden_state
+    got = fast.model.get_encoder()(**feats).last_hidden_state
+error = float((got - want).norm() / want.norm())
+assert error < 0.1, error
+(row,) = fast.transcribe([clip(2.0, 5)], PARAMS)
+assert row.tokens
+print("int8 ok", error)
+"""
+
+
+def torchao_dir() -> Path:
+    """The optional `int8` extra's torchao, installed (without dependencies: torch is ours) into
+    the tests' cache folder rather than the environment, because once importable transformers
+    imports it in every process (about 1.3 s each); `STT_TEST_CACHE` as for Whisper's assets."""
+    cache = Path(os.environ.get("STT_TEST_CACHE", Path.home() / ".cache" / "speech-serve-tests"))
+    target = cache / "torchao-0.18.0"
+    if not (target / "torchao" / "__init__.py").is_file():
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
+             "torchao==0.18.0"],
+            check=True,
+        )  # fmt: skip
+    return target
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["wav2vec2-bert", "whisper"])
 def test_int8_quantizes_the_encoder_and_stays_close(
     checkpoints: dict[str, Path], kind: str
 ) -> None:
     """`STT_QUANTIZE=int8` (the `int8` extra): the encoder's linear weights become int8 and its
-    output stays within a few percent of fp32's; the decoder is untouched."""
-    pytest.importorskip("torchao", reason="the optional `int8` extra is not installed")
-    eager = ModelAdapter(checkpoints[kind], "tiny")
-    fast = ModelAdapter(checkpoints[kind], "tiny", fast=FastPathOptions(quantize="int8"))
-    linear = next(m for m in fast.model.get_encoder().modules() if isinstance(m, torch.nn.Linear))
-    assert type(linear.weight).__name__ != "Parameter"  # a torchao int8 tensor
-    decoder_linear = next(
-        m for m in fast.model.get_decoder().modules() if isinstance(m, torch.nn.Linear)
-    )
-    assert type(decoder_linear.weight).__name__ == "Parameter"
-    feats = eager.features([clip(2.0, 5)])
-    with torch.inference_mode():
-        want = eager.model.get_encoder()(**feats).last_hidden_state
-        got = fast.model.get_encoder()(**feats).last_hidden_state
-    assert float((got - want).norm() / want.norm()) < 0.1
-    (row,) = fast.transcribe([clip(2.0, 5)], PARAMS)
-    assert row.tokens
+    output stays within a few percent of fp32's; the decoder is untouched. Runs in a child
+    process that sees torchao (see `torchao_dir`)."""
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(torchao_dir()), str(root)])}
+    done = subprocess.run(
+        [sys.executable, "-c", INT8_CHECK, str(checkpoints[kind])],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "int8 ok" in done.stdout
