@@ -15,12 +15,14 @@ DEFAULT_CORPUS2 = Path("data/corpus2")
 BUNDLED = Path(__file__).parent / "w2v2-bert-commands-en"
 STAGE1 = {"max_steps": 3500, "lr": 0.0008, "warmup_steps": 300}
 STAGE2 = {
-    "max_steps": 3000,
-    "lr": 0.0004,
-    "warmup_steps": 200,
-    "eval_every": 250,
+    "max_steps": 2500,
+    "lr": 0.0005,
+    "warmup_steps": 100,
+    "eval_every": 300,
+    "eval_size": 160,
     "save_every": 100,
     "export_best": True,
+    "freeze_conv_layers": 2,
 }
 
 
