@@ -119,7 +119,8 @@ class Trainer:
         self.feature_extractor = AutoFeatureExtractor.from_pretrained(cfg.init)
         if cfg.freeze_feature_encoder:
             self.model.freeze_feature_encoder()
-        conv_layers = self.model.encoder.feature_extractor.conv_layers  # type: ignore[union-attr]
+        extractor = self.model.encoder.feature_extractor
+        conv_layers: nn.ModuleList = extractor.conv_layers  # type: ignore[union-attr,assignment]
         for layer in list(conv_layers)[: cfg.freeze_conv_layers]:
             for param in layer.parameters():
                 param.requires_grad = False
