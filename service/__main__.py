@@ -50,7 +50,8 @@ def parser_and_source() -> tuple[argparse.ArgumentParser, CliSettingsSource[Sett
         ),
         epilog=(
             "Precedence: a flag wins over its environment variable, which wins over the default.\n"
-            "Lists (--api-keys, --cors-origins, --model-aliases) are comma-separated.\n"
+            "Lists (--api-keys, --cors-origins, --model-aliases) are comma-separated;\n"
+            "--models takes name=folder-or-id items, comma-separated (or a JSON list).\n"
             "Example: python -m service --port 9000 --model-dir path/to/checkpoint"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -79,7 +80,10 @@ def settings_from(argv: Sequence[str]) -> Settings:
         return Settings(_cli_settings_source=source(args=list(argv)))
     except ValidationError as exc:
         for error in exc.errors():
-            name = ".".join(str(part) for part in error["loc"]) or "settings"
+            if not error["loc"]:  # a rule over several settings (e.g. STT_MODELS with STT_MODEL)
+                print(f"{PROG}: invalid settings: {error['msg']}", file=sys.stderr)
+                continue
+            name = ".".join(str(part) for part in error["loc"])
             flag = "--" + name.replace("_", "-")
             env = "STT_" + name.upper()
             print(
@@ -140,8 +144,8 @@ class _Server(uvicorn.Server):
         503 `unavailable` with Retry-After (`WorkerPool.stop`), so the requests end before
         uvicorn's own graceful timeout, which would cancel them with a bare 500.
         """
-        engine = getattr(self.app.state, "engine", None)
-        draining = asyncio.create_task(asyncio.to_thread(engine.stop)) if engine else None
+        engines = getattr(self.app.state, "engines", None)  # every model drains at once
+        draining = asyncio.create_task(asyncio.to_thread(engines.stop)) if engines else None
         await super().shutdown(sockets)
         if draining is not None:
             await draining

@@ -11,9 +11,11 @@ read at scrape time by a collector rather than mirrored into gauges.
 """
 
 import asyncio
+import copy
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from prometheus_client import (
@@ -24,7 +26,7 @@ from prometheus_client import (
     Info,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
@@ -57,6 +59,17 @@ class EngineState:
     queue_depth: Callable[[], int]
     queued_seconds: Callable[[], float]
     workers: Callable[[], list[WorkerState]]
+    compiles: Callable[[], "CompileFigures"] | None = None
+
+
+@dataclass(frozen=True)
+class CompileFigures:
+    """The process's torch.compile figures (service/engine/fastpath.py), read when scraped."""
+
+    compiles: int  # graphs compiled, first compiles and recompiles alike
+    seconds: float
+    eager_calls: int  # calls of a compiled module that ran eagerly by design
+    cache: dict[str, int]  # "<cache>_hit" / "<cache>_miss" -> count
 
 
 class _EngineCollector:
@@ -70,10 +83,15 @@ class _EngineCollector:
         f"{PREFIX}_cuda_memory_reserved_bytes",
         f"{PREFIX}_event_loop_tasks",
         f"{PREFIX}_threads",
+        f"{PREFIX}_compiles",
+        f"{PREFIX}_compile_seconds",
+        f"{PREFIX}_compile_eager_calls",
+        f"{PREFIX}_compile_cache_lookups",
     )
 
-    def __init__(self) -> None:
-        self.state: EngineState | None = None
+    def __init__(self, by_model: bool = False) -> None:
+        self.by_model = by_model
+        self.states: dict[str, EngineState] = {}  # by model ("" when not split by model)
         self.loop: asyncio.AbstractEventLoop | None = None
 
     def describe(self) -> Iterable[Metric]:
@@ -83,44 +101,120 @@ class _EngineCollector:
         return self._families(live=True)
 
     def _families(self, *, live: bool) -> Iterator[Metric]:
-        depth = GaugeMetricFamily(self.NAMES[0], "Requests waiting in the queue")
-        queued = GaugeMetricFamily(self.NAMES[1], "Seconds of audio waiting in the queue")
+        m = ["model"] if self.by_model else []
+        depth = GaugeMetricFamily(self.NAMES[0], "Requests waiting in the queue", labels=m)
+        queued = GaugeMetricFamily(self.NAMES[1], "Seconds of audio waiting in the queue", labels=m)
         up = GaugeMetricFamily(
-            self.NAMES[2], "1 if the device worker is alive", labels=["worker", "device"]
+            self.NAMES[2], "1 if the device worker is alive", labels=[*m, "worker", "device"]
         )
         allocated = GaugeMetricFamily(
-            self.NAMES[3], "CUDA memory allocated by tensors", labels=["device"]
+            self.NAMES[3], "CUDA memory allocated by tensors", labels=[*m, "device"]
         )
         reserved = GaugeMetricFamily(
-            self.NAMES[4], "CUDA memory reserved by the caching allocator", labels=["device"]
+            self.NAMES[4], "CUDA memory reserved by the caching allocator", labels=[*m, "device"]
         )
-        tasks = GaugeMetricFamily(self.NAMES[5], "Tasks alive on the server's event loop")
-        threads = GaugeMetricFamily(self.NAMES[6], "Threads alive in the process")
+        tasks = GaugeMetricFamily(self.NAMES[5], "Tasks alive on the server's event loop", labels=m)
+        threads = GaugeMetricFamily(self.NAMES[6], "Threads alive in the process", labels=m)
+        # torch.compile's figures are the process's (its compiler state is): no model label
+        compiles = CounterMetricFamily(
+            self.NAMES[7], "Graphs torch.compile built (first compiles and recompiles)"
+        )
+        compile_seconds = CounterMetricFamily(self.NAMES[8], "Wall time spent compiling")
+        eager_calls = CounterMetricFamily(
+            self.NAMES[9], "Calls of a compiled module run eagerly (short inputs, attention)"
+        )
+        lookups = CounterMetricFamily(
+            self.NAMES[10],
+            "Compile cache lookups on disk, by cache (fx_graph, aot_autograd) and result",
+            labels=["cache", "result"],
+        )
         if live:
+            shared = [""] if self.by_model else []  # the process's, no model's
             loop = self.loop
-            tasks.add_metric([], len(asyncio.all_tasks(loop)) if loop is not None else 0)
-            threads.add_metric([], threading.active_count())
-        state = self.state
-        if live and state is not None:
-            depth.add_metric([], state.queue_depth())
-            queued.add_metric([], state.queued_seconds())
-            devices = set()
-            for worker in state.workers():
-                up.add_metric([str(worker.index), worker.device], float(worker.alive))
-                devices.add(worker.device)
-            for device in sorted(d for d in devices if d.startswith("cuda")):
-                allocated.add_metric([device], torch.cuda.memory_allocated(device))
-                reserved.add_metric([device], torch.cuda.memory_reserved(device))
-        elif live:
-            depth.add_metric([], 0)
-            queued.add_metric([], 0)
+            tasks.add_metric(shared, len(asyncio.all_tasks(loop)) if loop is not None else 0)
+            threads.add_metric(shared, threading.active_count())
+            states = dict(self.states)
+            if not states and not self.by_model:
+                depth.add_metric([], 0)
+                queued.add_metric([], 0)
+            for model, state in states.items():
+                key = [model] if self.by_model else []
+                depth.add_metric(key, state.queue_depth())
+                queued.add_metric(key, state.queued_seconds())
+                devices = set()
+                for worker in state.workers():
+                    up.add_metric([*key, str(worker.index), worker.device], float(worker.alive))
+                    devices.add(worker.device)
+                # a device shared by two models is reported under each of them
+                for device in sorted(d for d in devices if d.startswith("cuda")):
+                    allocated.add_metric([*key, device], torch.cuda.memory_allocated(device))
+                    reserved.add_metric([*key, device], torch.cuda.memory_reserved(device))
+            figures = next((st.compiles() for st in states.values() if st.compiles), None)
+            if figures is not None:
+                compiles.add_metric([], figures.compiles)
+                compile_seconds.add_metric([], figures.seconds)
+                eager_calls.add_metric([], figures.eager_calls)
+                for lookup, count in sorted(figures.cache.items()):
+                    cache, result = lookup.rsplit("_", 1)
+                    lookups.add_metric([cache, result], count)
         yield from (depth, queued, up, allocated, reserved, tasks, threads)
+        yield from (compiles, compile_seconds, eager_calls, lookups)
+
+
+class _Bound:
+    """A labelled family with its `model` label filled in: `labels(**others)` as on the family
+    (what an engine's code calls, unaware of the model label)."""
+
+    def __init__(self, family: Counter | Gauge | Histogram, model: str) -> None:
+        self.family = family
+        self.model = model
+
+    def labels(self, **values: str) -> Any:
+        return self.family.labels(model=self.model, **values)
+
+
+class _Child:
+    """A family whose only label is `model`, as its child for one model: created on first use,
+    so a view's families that are never recorded add no zero-valued series."""
+
+    def __init__(self, family: Counter | Gauge | Histogram, model: str) -> None:
+        self.family = family
+        self.model = model
+
+    def __getattr__(self, name: str) -> Any:  # inc, dec, set, observe
+        def call(*args: Any, **kwargs: Any) -> Any:  # the series is made at the first call
+            return getattr(self.family.labels(model=self.model), name)(*args, **kwargs)
+
+        return call
+
+
+class _BoundInfo:
+    """`stt_model_info` with its `model` label filled in (the label replaces the info key)."""
+
+    def __init__(self, family: Info, model: str) -> None:
+        self.family = family
+        self.model = model
+
+    def info(self, values: dict[str, str]) -> None:
+        child = self.family.labels(model=self.model)
+        child.info({k: v for k, v in values.items() if k != "model"})
 
 
 class Metrics:
-    """The service's metrics on their own registry; `render()` gives the exposition text."""
+    """The service's metrics on their own registry; `render()` gives the exposition text.
 
-    def __init__(self) -> None:
+    With `by_model` (a server of several models, `STT_MODELS`) every family this module
+    defines has a `model` label first: an engine records through `for_model(its name)`, a view
+    with that label filled in; what belongs to no model (probes, refusals before a model was
+    named, decode lanes, websocket slots, the event loop) has `model=""`. Without it (one
+    model) the families are exactly as they always were and `for_model` is the object itself.
+    """
+
+    def __init__(self, *, by_model: bool = False) -> None:
+        self.by_model = by_model
+        self.model_label: str | None = None  # set on the views `for_model` makes
+        self._root = self
+        self._views: dict[str, Metrics] = {}
         self.registry = registry = CollectorRegistry()
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)
@@ -131,26 +225,26 @@ class Metrics:
         self.requests = Counter(
             f"{p}_requests",
             "HTTP requests answered, by endpoint, response format and status code",
-            ["endpoint", "response_format", "status"],
+            self._labels("endpoint", "response_format", "status"),
             registry=registry,
         )
         self.request_duration = Histogram(
             f"{p}_request_duration_seconds",
             "Wall time from request start to response end, by endpoint",
-            ["endpoint"],
+            self._labels("endpoint"),
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
         self.rejections = Counter(
             f"{p}_rejections",
             "Requests refused, by reason (queue_full, deadline, too_large, bad_audio, ...)",
-            ["reason"],
+            self._labels("reason"),
             registry=registry,
         )
         self.cancellations = Counter(
             f"{p}_cancellations",
             "Accepted requests abandoned, by reason (client_gone, deadline)",
-            ["reason"],
+            self._labels("reason"),
             registry=registry,
         )
 
@@ -158,12 +252,13 @@ class Metrics:
         self.inflight_audio = Gauge(
             f"{p}_inflight_audio_seconds",
             "Decoded seconds of audio held by accepted uploads (STT_MAX_INFLIGHT_AUDIO_SECONDS)",
+            labelnames=self._labels(),
             registry=registry,
         )
         self.decodes_pending = Gauge(
             f"{p}_decodes_pending",
             "Uploads waiting for or in decoding, by decode lane (small, large)",
-            ["lane"],
+            self._labels("lane"),
             registry=registry,
         )
 
@@ -172,25 +267,57 @@ class Metrics:
             f"{p}_queue_wait_seconds",
             "Time a request waited in the queue before its batch started",
             buckets=LATENCY_BUCKETS,
+            labelnames=self._labels(),
             registry=registry,
         )
         self.batch_size = Histogram(
             f"{p}_batch_size",
             "Requests per batch",
             buckets=BATCH_BUCKETS,
+            labelnames=self._labels(),
             registry=registry,
         )
         self.batch_padding = Histogram(
             f"{p}_batch_padding_ratio",
             "Fraction of a batch's (padded) audio that is padding",
             buckets=RATIO_BUCKETS,
+            labelnames=self._labels(),
+            registry=registry,
+        )
+        # --- continuous batching: the decoder steps of the engine's own loop ---
+        self.step_duration = Histogram(
+            f"{p}_decoder_step_duration_seconds",
+            "Wall time of one decoder step of a running batch, by part: total (the step, "
+            "token choice included) and model (the decoder forward alone)",
+            self._labels("part"),
+            buckets=STAGE_BUCKETS,
+            registry=registry,
+        )
+        self.step_rows = Histogram(
+            f"{p}_decoder_step_rows",
+            "Rows of the running batch in one decoder step",
+            buckets=BATCH_BUCKETS,
+            labelnames=self._labels(),
+            registry=registry,
+        )
+        self.rows_joined = Counter(
+            f"{p}_rows_joined",
+            "Requests that joined a running batch (encoded, first decoder step taken)",
+            labelnames=self._labels(),
+            registry=registry,
+        )
+        self.rows_left = Counter(
+            f"{p}_rows_left",
+            "Requests that left a running batch, by reason (finished, client_gone, deadline, "
+            "failed)",
+            self._labels("reason"),
             registry=registry,
         )
         self.stage_duration = Histogram(
             f"{p}_stage_duration_seconds",
             "Time per pipeline stage: decode (per request), features, encoder, decoding and "
             "detokenize (per batch)",
-            ["stage"],
+            self._labels("stage"),
             buckets=STAGE_BUCKETS,
             registry=registry,
         )
@@ -199,11 +326,13 @@ class Metrics:
         self.audio_seconds = Counter(
             f"{p}_audio_seconds",
             "Seconds of audio transcribed",
+            labelnames=self._labels(),
             registry=registry,
         )
         self.tokens = Counter(
             f"{p}_generated_tokens",
             "Tokens generated (text tokens, after stripping special tokens)",
+            labelnames=self._labels(),
             registry=registry,
         )
         self.real_time_factor = Histogram(
@@ -211,6 +340,7 @@ class Metrics:
             "Per request: (queue wait + compute) / audio duration; below 1 is faster than "
             "real time",
             buckets=RTF_BUCKETS,
+            labelnames=self._labels(),
             registry=registry,
         )
 
@@ -218,24 +348,25 @@ class Metrics:
         self.worker_busy = Counter(
             f"{p}_worker_busy_seconds",
             "Seconds a device worker spent running batches",
-            ["worker", "device"],
+            self._labels("worker", "device"),
             registry=registry,
         )
         self.worker_batches = Counter(
             f"{p}_worker_batches",
             "Batches a device worker ran",
-            ["worker", "device"],
+            self._labels("worker", "device"),
             registry=registry,
         )
         self.worker_restarts = Counter(
             f"{p}_worker_restarts",
             "Device worker threads that died and were replaced",
+            labelnames=self._labels(),
             registry=registry,
         )
         self.worker_failures = Counter(
             f"{p}_batch_failures",
             "Batches that failed, by error (out_of_memory, model_error)",
-            ["error"],
+            self._labels("error"),
             registry=registry,
         )
 
@@ -243,29 +374,33 @@ class Metrics:
         self.streams_active = Gauge(
             f"{p}_streams_active",
             "Open websocket streaming sessions",
+            labelnames=self._labels(),
             registry=registry,
         )
         self.streams_opened = Counter(
             f"{p}_streams_opened",
             "Websocket streaming sessions accepted",
+            labelnames=self._labels(),
             registry=registry,
         )
         self.streams_closed = Counter(
             f"{p}_streams_closed",
             "Websocket streaming sessions ended, by reason",
-            ["reason"],
+            self._labels("reason"),
             registry=registry,
         )
         self.partial_latency = Histogram(
             f"{p}_stream_partial_latency_seconds",
             "From the arrival of audio to the first partial that reflects it",
             buckets=LATENCY_BUCKETS,
+            labelnames=self._labels(),
             registry=registry,
         )
         self.final_latency = Histogram(
             f"{p}_stream_final_latency_seconds",
             "From the detected end of an utterance to its final transcript",
             buckets=LATENCY_BUCKETS,
+            labelnames=self._labels(),
             registry=registry,
         )
 
@@ -273,13 +408,38 @@ class Metrics:
         self.model = Info(
             f"{p}_model",
             "The served model: name, architecture, encoder, decoder, devices, dtype",
+            labelnames=self._labels(),
             registry=registry,
         )
-        self.engine = _EngineCollector()
+        self.engine = _EngineCollector(by_model)
         registry.register(self.engine)
 
+    def _labels(self, *names: str) -> list[str]:
+        return ["model", *names] if self.by_model else list(names)
+
+    def for_model(self, name: str) -> "Metrics":
+        """These metrics with the `model` label set to `name` (one view per name, kept); the
+        object itself when metrics are not split by model."""
+        root = self._root
+        if not root.by_model:
+            return root
+        view = root._views.get(name)
+        if view is None:
+            view = copy.copy(root)
+            view.model_label = name
+            for attr, family in vars(root).items():
+                if isinstance(family, Info):
+                    setattr(view, attr, _BoundInfo(family, name))
+                elif isinstance(family, Counter | Gauge | Histogram):
+                    if family._labelnames == ("model",):
+                        setattr(view, attr, _Child(family, name))
+                    else:
+                        setattr(view, attr, _Bound(family, name))
+            root._views[name] = view
+        return view
+
     def bind_engine(self, state: EngineState) -> None:
-        self.engine.state = state
+        self.engine.states[self.model_label or ""] = state
 
     def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         """The event loop whose tasks `stt_event_loop_tasks` counts (scraped on that loop)."""

@@ -1,13 +1,71 @@
 """Every setting of the service, in one class, read from `STT_*` environment variables."""
 
+import json
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 LARGE_MODEL_PARAMETERS = 50_000_000  # from here on one CPU worker serves best (`cpu_worker_count`)
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "model_store" / "w2v2-bert-commands-en"
+
+
+_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/+-]{0,127}$"
+
+
+class ModelEntry(BaseModel):
+    """One model of `STT_MODELS`: where it is, the name clients pick it by, and (optionally)
+    its own devices and CPU workers/threads instead of its share by the split rule
+    (`Settings.split_for`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=512, description="Folder or hub id.")
+    name: str | None = Field(
+        None, pattern=_NAME_PATTERN, description="Served name (default: folder name or id)."
+    )
+    aliases: list[Annotated[str, Field(pattern=_NAME_PATTERN)]] = Field(
+        default_factory=list, max_length=64, description="Other accepted names."
+    )
+    language: str | None = Field(
+        None, max_length=16, description="As `STT_LANGUAGE`, for this model."
+    )
+    device: str | None = Field(None, description="As `STT_DEVICE`, for this model.")
+    cpu_workers: int | None = Field(None, ge=1, le=64, description="CPU workers of this model.")
+    cpu_threads: int | None = Field(
+        None, ge=1, le=256, description="torch threads per CPU worker of this model."
+    )
+
+    @property
+    def served_name(self) -> str:
+        if self.name:
+            return self.name
+        path = Path(self.model).expanduser()
+        return path.name if path.is_dir() else self.model
+
+
+def parse_models(value: str) -> list[dict[str, object]]:
+    """`STT_MODELS` text → entries. Either a JSON list of objects (every `ModelEntry` field),
+    or the short form: comma-separated `name=folder-or-id` or bare `folder-or-id` items
+    (`tiny=model_store/tiny,whisper=openai/whisper-tiny`)."""
+    text = value.strip()
+    if text.startswith("["):
+        loaded = json.loads(text)
+        if not isinstance(loaded, list):
+            raise ValueError("STT_MODELS as JSON must be a list of objects")
+        return loaded
+    entries: list[dict[str, object]] = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        name, sep, source = item.partition("=")
+        if sep and not name.strip():
+            raise ValueError(f"{item!r}: the name before '=' is empty")
+        if sep and not source.strip():
+            raise ValueError(f"{item!r}: the folder or id after '=' is empty")
+        entries.append({"name": name.strip(), "model": source.strip()} if sep else {"model": item})
+    return entries
 
 
 class Settings(BaseSettings):
@@ -29,6 +87,13 @@ class Settings(BaseSettings):
     model_aliases: list[str] = Field(
         default_factory=list, description="Other accepted `model` names, e.g. whisper-1."
     )
+    models: Annotated[list[ModelEntry], NoDecode] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Several models in one server: `name=folder-or-id,name2=...` (or bare "
+        "folders/ids, or a JSON list of {model, name, aliases, language, device, cpu_workers, "
+        "cpu_threads}); the first is the default. Exclusive with model/model_dir/model_name.",
+    )
     language: str = Field(
         "en", max_length=16, description="Language reported for a model without language tokens."
     )
@@ -45,9 +110,41 @@ class Settings(BaseSettings):
     cpu_threads: int = Field(
         0, ge=0, le=256, description="torch threads per CPU worker; 0: cores / workers."
     )
-    warmup: bool = Field(True, description="Run one generate before reporting ready.")
+    warmup: bool = Field(
+        True,
+        description="Run one generate (and every compiled input shape) before reporting ready.",
+    )
+
+    # --- fast paths (service/engine/fastpath.py; README "Fast paths") ---
+    compile: Literal["off", "encoder", "all"] = Field(
+        "off",
+        description="torch.compile the `encoder`, or `all` (encoder and decoder module); off "
+        "by default: see the README's fast paths for what it costs at start-up and gains.",
+    )
+    compile_cache_dir: Path | None = Field(
+        None,
+        description="Compile cache folder (TORCHINDUCTOR_CACHE_DIR), kept across restarts; "
+        "empty: torch's default under /tmp.",
+    )
+    quantize: Literal["off", "int8"] = Field(
+        "off",
+        description="`int8`: the encoder's linear layers in int8 (torchao, the `int8` extra); "
+        "changes transcripts a little.",
+    )
 
     # --- batching and queueing ---
+    batching: Literal["continuous", "static"] = Field(
+        "continuous",
+        description="`continuous`: the engine's own loop, one decoder step at a time, rows "
+        "joining and leaving between steps; `static`: each batch is one `generate` call.",
+    )
+    join_per_step: int = Field(
+        4,
+        ge=1,
+        le=256,
+        description="Continuous batching: most newcomers encoded between two decoder steps "
+        "(bounds the stall a running row suffers to that many encodes).",
+    )
     max_batch_size: int = Field(16, ge=1, le=256, description="Most requests in one batch.")
     max_wait_ms: float = Field(
         5.0, ge=0, le=1000, description="How long a batch's first request waits for company."
@@ -198,6 +295,34 @@ class Settings(BaseSettings):
             raise ValueError(f"model_dir {value} is not a folder (set STT_MODEL_DIR)")
         return value
 
+    @field_validator("models", mode="before")
+    @classmethod
+    def _models_text(cls, value: object) -> object:
+        if isinstance(value, str):
+            return parse_models(value)
+        return value
+
+    @model_validator(mode="after")
+    def _models_alone(self) -> "Settings":
+        if not self.models:
+            return self
+        clash = sorted({"model", "model_dir", "model_name"} & self.model_fields_set)
+        if clash:
+            raise ValueError(
+                f"models lists every served model; {', '.join(clash)} cannot be set with it "
+                "(put that model first in models to make it the default)"
+            )
+        seen: dict[str, int] = {}
+        for index, entry in enumerate(self.models):
+            names = [entry.served_name, *entry.aliases]
+            if index == 0:
+                names += self.model_aliases  # STT_MODEL_ALIASES name the default model
+            for name in names:
+                if name in seen:
+                    raise ValueError(f"models: the name {name!r} is used twice")
+                seen[name] = index
+        return self
+
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
@@ -223,6 +348,9 @@ class Settings(BaseSettings):
 
     @property
     def served_name(self) -> str:
+        """The name clients pass as `model` for the default model."""
+        if self.models:
+            return self.models[0].served_name
         if self.model_name:
             return self.model_name
         if self.model:  # a folder's name, or the hub id itself
@@ -261,3 +389,52 @@ class Settings(BaseSettings):
 
     def threads_per_cpu_worker(self, cores: int, workers: int) -> int:
         return self.cpu_threads or max(1, cores // max(1, workers))
+
+    def split_for(self, cuda_count: int, cores: int) -> list[tuple["Settings", int]]:
+        """Each model of `models` as the settings of a one-model server, with the CPU cores
+        its workers may use. The split rule, overridable per model (`device`, `cpu_workers`,
+        `cpu_threads` of its entry):
+
+        - CUDA (`device` auto with N devices, or a list of N): models get disjoint groups of
+          devices, in order, N // M each (the first N % M one more); with fewer devices than
+          models, model i shares device i mod N.
+        - CPU: the cores are divided evenly (the first models get the remainder, each at least
+          one); a model's CPU workers and threads per worker follow from its share as for one
+          model (`cpu_worker_count`, `threads_per_cpu_worker`), with `STT_CPU_WORKERS` /
+          `STT_CPU_THREADS` applying to every model unless its entry says otherwise.
+        """
+        count = len(self.models)
+        if self.device == "auto":
+            pool = [f"cuda:{i}" for i in range(cuda_count)]
+        elif self.device.strip() == "cpu":
+            pool = []
+        else:
+            pool = [d.strip() for d in self.device.split(",") if d.strip() and d.strip() != "cpu"]
+        groups: list[list[str]] = []
+        if len(pool) >= count:
+            size, extra = divmod(len(pool), count)
+            start = 0
+            for index in range(count):
+                end = start + size + (index < extra)
+                groups.append(pool[start:end])
+                start = end
+        else:
+            groups = [[pool[index % len(pool)]] if pool else [] for index in range(count)]
+        base, extra = divmod(max(cores, 1), count)
+        shares = [max(1, base + (index < extra)) for index in range(count)]
+        result = []
+        for index, entry in enumerate(self.models):
+            device = entry.device or (",".join(groups[index]) if groups[index] else "cpu")
+            update: dict[str, object] = {
+                "models": [],
+                "model": entry.model,
+                "model_name": entry.served_name,
+                "model_aliases": entry.aliases + (self.model_aliases if index == 0 else []),
+                "device": device,
+                "cpu_workers": entry.cpu_workers or self.cpu_workers,
+                "cpu_threads": entry.cpu_threads or self.cpu_threads,
+            }
+            if entry.language is not None:
+                update["language"] = entry.language
+            result.append((self.model_copy(update=update), shares[index]))
+        return result

@@ -17,7 +17,7 @@ from service.api.gate import DecodeGate, EarlyAdmission
 from service.api.limits import BodySizeLimit
 from service.api.observe import RequestObserver
 from service.api.routes import health, metrics, models, page, realtime, stream, transcriptions
-from service.engine.engine import Engine
+from service.engine.registry import Engines
 from service.errors import StartupError
 from service.metrics import Metrics
 from service.settings import Settings
@@ -51,13 +51,14 @@ def startup_problem(exc: BaseException, settings: Settings) -> str:
     """One line for a person: what failed, why, and what to do about it."""
     if isinstance(exc, StartupError):  # its message already names the missing piece and the fix
         return str(exc)
+    source = ", ".join(e.model for e in settings.models) if settings.models else settings.model_dir
     if isinstance(exc, MemoryError):
         return (
-            f"loading {settings.model_dir} ran out of memory; fewer workers (--cpu-workers 1) "
+            f"loading {source} ran out of memory; fewer workers (--cpu-workers 1) "
             "or a smaller model"
         )
     return (
-        f"loading {settings.model_dir} failed with {type(exc).__name__}: {exc}; check that the "
+        f"loading {source} failed with {type(exc).__name__}: {exc}; check that the "
         "folder holds a complete checkpoint (--model-dir / STT_MODEL_DIR); run with "
         "--log-level debug for the traceback"
     )
@@ -66,26 +67,31 @@ def startup_problem(exc: BaseException, settings: Settings) -> str:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app. The model loads in the lifespan; `/ready` is 503 until it has warmed up."""
     settings = settings or Settings()
-    app_metrics = Metrics()
+    # several models: every metric labelled by model; what belongs to none has model=""
+    app_metrics = Metrics(by_model=bool(settings.models)).for_model("")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app_metrics.bind_loop(asyncio.get_running_loop())
         try:
-            engine = await asyncio.to_thread(Engine.load, settings, app_metrics)
+            engines = await asyncio.to_thread(Engines.load, settings, app_metrics)
         except Exception as exc:
             log.critical("cannot start: %s", startup_problem(exc, settings))
             log.debug("start-up failed", exc_info=True)
             raise StartupAborted(str(exc)) from exc
-        engine.start()
-        app.state.engine = engine
-        log.info(
-            "ready: serving %s on %d worker(s)", settings.served_name, len(engine.pool.workers)
-        )
+        engines.start()
+        app.state.engines = engines
+        app.state.engine = engines.default
+        for engine in engines:
+            log.info(
+                "ready: serving %s on %d worker(s)",
+                engine.settings.served_name,
+                len(engine.pool.workers),
+            )
         try:
             yield
         finally:
-            await asyncio.to_thread(engine.stop)
+            await asyncio.to_thread(engines.stop)
 
     app = FastAPI(
         title="speech-serve",
@@ -94,7 +100,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.state.engine = None
+    app.state.engine = None  # the default model's engine (`engines.default`)
+    app.state.engines = None  # every model's engine, by served name (service/engine/registry.py)
     app.state.metrics = app_metrics
     app.state.streams = 0  # open websocket sessions
     app.state.streams_by_client = collections.Counter()  # the same, per client (stream.client_of)

@@ -168,13 +168,25 @@ class EarlyAdmission:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope.get("path") in self.PATHS:
-            engine = scope["app"].state.engine
-            if engine is not None and engine.ready:
+            engines = scope["app"].state.engines
+            if engines is not None and engines.ready:
                 gate: DecodeGate = scope["app"].state.decode_gate
                 scope.setdefault("state", {})["arrived_at"] = time.monotonic()
                 try:
-                    deadline = engine.deadline(None)
-                    engine.scheduler.admit(deadline - gate.pre_queue_seconds)
+                    # the model is named inside the body: refuse here only what every model's
+                    # queue would refuse (one model: its own); the route checks its model's
+                    refusal: ServiceError | None = None
+                    for engine in engines:
+                        deadline = engine.deadline(None)
+                        try:
+                            engine.scheduler.admit(deadline - gate.pre_queue_seconds)
+                        except ServiceError as exc:
+                            refusal = refusal or exc
+                        else:
+                            refusal = None
+                            break
+                    if refusal is not None:
+                        raise refusal
                     gate.admit(deadline)  # the short-upload lane
                 except ServiceError as exc:
                     await _refuse(scope, receive, send, exc)

@@ -31,6 +31,7 @@ class RequestFacts:
     """What a request's handlers learned, for its metrics and its log line."""
 
     request_id: str
+    model: str = ""  # the served model that took the request ("" before one was named)
     response_format: str = ""
     error_code: str | None = None
     audio_seconds: float | None = None
@@ -104,7 +105,7 @@ class RequestObserver:
             await self.app(scope, receive, send)
             if record.error_code is not None:  # refused before the handshake (auth)
                 reason = _REASONS.get(record.error_code, record.error_code)
-                self.metrics.rejections.labels(reason=reason).inc()
+                self.metrics.for_model("").rejections.labels(reason=reason).inc()
             return
         started = time.perf_counter()
         status = 500  # if the app dies without answering, the server answers 500
@@ -127,15 +128,17 @@ class RequestObserver:
         if self._templates is None:
             self._templates = [(_compile(t), t) for t in self.paths()]
         endpoint = endpoint_of(scope, self._templates)
-        self.metrics.requests.labels(
+        metrics = self.metrics.for_model(record.model)  # itself when there is one model
+        metrics.requests.labels(
             endpoint=endpoint, response_format=record.response_format, status=str(status)
         ).inc()
-        self.metrics.request_duration.labels(endpoint=endpoint).observe(seconds)
+        metrics.request_duration.labels(endpoint=endpoint).observe(seconds)
         if status >= 400 and status not in _NOT_REJECTED:
             reason = record.error_code or f"http_{status}"
-            self.metrics.rejections.labels(reason=_REASONS.get(reason, reason)).inc()
+            metrics.rejections.labels(reason=_REASONS.get(reason, reason)).inc()
         fields: dict[str, object] = {
             "request_id": record.request_id,
+            **({"model": record.model} if record.model else {}),
             "method": scope.get("method"),
             "path": scope.get("path"),
             "endpoint": endpoint,

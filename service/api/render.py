@@ -4,6 +4,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
+
 from service.api.schemas import (
     InputTokenDetails,
     Segment,
@@ -33,12 +35,44 @@ def joined_text(pieces: list[Piece]) -> str:
     return " ".join(p.transcript.text for p in pieces if p.transcript.text)
 
 
-def segments(pieces: list[Piece], temperature: float) -> list[Segment]:
-    """One segment per window that produced text."""
-    return [
-        segment(index, piece, temperature)
-        for index, piece in enumerate(p for p in pieces if p.transcript.text)
-    ]
+def segments(
+    pieces: list[Piece], temperature: float, duration: float | None = None
+) -> list[Segment]:
+    """One segment per window that produced text; a window that Whisper decoded with
+    timestamps gives the segments its timestamp tokens delimit (`timed_segments`)."""
+    out: list[Segment] = []
+    for piece in (p for p in pieces if p.transcript.text):
+        if piece.transcript.segments:
+            out.extend(timed_segments(len(out), piece, temperature, duration))
+        else:
+            out.append(segment(len(out), piece, temperature))
+    return out
+
+
+def timed_segments(
+    first: int, piece: Piece, temperature: float, duration: float | None
+) -> list[Segment]:
+    """A Whisper window's segments: times from its timestamp tokens, counted from the window's
+    start (`offset`), never past the audio's end; a last segment that decoding cut before its
+    closing timestamp ends where the window's speech does."""
+    limit = duration if duration is not None else float("inf")
+    out = []
+    for index, timed in enumerate(piece.transcript.segments or [], start=first):
+        start = min(piece.offset + timed.start, limit)
+        end = piece.offset + timed.end if timed.end is not None else max(start, piece.end)
+        out.append(
+            Segment(
+                id=index,
+                seek=round(piece.offset * 100),
+                start=round(start, 3),
+                end=round(max(start, min(end, limit)), 3),
+                text=timed.text,
+                tokens=timed.tokens,
+                temperature=temperature,
+                avg_logprob=round(float(np.mean(timed.logprobs)) if timed.logprobs else 0.0, 4),
+            )
+        )
+    return out
 
 
 def segment(index: int, piece: Piece, temperature: float) -> Segment:
@@ -125,7 +159,7 @@ def as_verbose(
         language=language,
         duration=round(duration, 3),
         text=joined_text(pieces),
-        segments=segments(pieces, temperature),
+        segments=segments(pieces, temperature, duration),
         usage=Usage(seconds=round(duration, 3)),
         words=word_timings(pieces) if words else None,
         logprobs=logprobs,

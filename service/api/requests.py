@@ -148,6 +148,11 @@ class TranscriptionRequest(BaseModel):
         return "word" in self.timestamp_granularities
 
     @property
+    def segment_timestamps(self) -> bool:
+        """`segment` asked for by name: Whisper then decodes with its timestamp tokens."""
+        return "segment" in self.timestamp_granularities
+
+    @property
     def logprobs(self) -> bool:
         return "logprobs" in self.include
 

@@ -9,9 +9,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 import numpy as np
 import torch
 
-from service.engine import checkpoint
+from service.engine import checkpoint, fastpath
 from service.engine.adapter import ModelAdapter, ModelInfo
 from service.engine.budget import AudioBudget
+from service.engine.fastpath import FastPathOptions
 from service.engine.pool import WorkerPool
 from service.engine.scheduler import Scheduler
 from service.engine.types import GenerationParams, Job, Transcript, call_soon
@@ -30,11 +31,17 @@ class Engine:
     """One model served by a pool of device workers behind one scheduler."""
 
     def __init__(
-        self, settings: Settings, adapters: list[ModelAdapter], metrics: Metrics | None = None
+        self,
+        settings: Settings,
+        adapters: list[ModelAdapter],
+        metrics: Metrics | None = None,
+        *,
+        cores: int | None = None,
     ) -> None:
         self.settings = settings
-        self.metrics = metrics or Metrics()
         self.info: ModelInfo = adapters[0].info
+        # this model's view: every metric labelled with its name when a server has several
+        self.metrics = (metrics or Metrics()).for_model(self.info.name)
         self.adapter = adapters[0]  # for request validation; every replica is alike
         self.scheduler = Scheduler(
             max_batch_size=settings.max_batch_size,
@@ -45,6 +52,7 @@ class Engine:
             sampling_rate=self.info.sampling_rate,
             padding_invariant=self.info.padding_invariant,
             length_free=self.info.encode_separately,
+            steppable=self.adapter.steppable if settings.batching == "continuous" else None,
         )
         self.audio_budget = AudioBudget(
             settings.max_inflight_audio_seconds,
@@ -52,8 +60,18 @@ class Engine:
             on_change=self.metrics.inflight_audio.set,
         )
         cpu_workers = sum(a.device.type == "cpu" for a in adapters)
-        share = (os.cpu_count() or 1) if cpu_workers > 1 and not settings.cpu_threads else 0
-        self.pool = WorkerPool(adapters, self.scheduler, share_cores=share, metrics=self.metrics)
+        cores = cores or os.cpu_count() or 1  # this model's share of them (`Settings.split_for`)
+        share = cores if cpu_workers > 1 and not settings.cpu_threads else 0
+        self.pool = WorkerPool(
+            adapters,
+            self.scheduler,
+            share_cores=share,
+            metrics=self.metrics,
+            continuous=settings.batching == "continuous",
+            join_per_step=settings.join_per_step,
+        )
+        if cpu_workers and not share:  # each worker thread sets it: several models, one process
+            self.pool.threads = settings.threads_per_cpu_worker(cores, cpu_workers)
         self.started = False
         self.metrics.model.info(
             {
@@ -72,20 +90,25 @@ class Engine:
                 workers=lambda: [
                     WorkerState(w.index, w.device, w.alive) for w in self.pool.workers
                 ],
+                compiles=fastpath.figures,
             )
         )
 
     @classmethod
-    def load(cls, settings: Settings, metrics: Metrics | None = None) -> "Engine":
+    def load(
+        cls, settings: Settings, metrics: Metrics | None = None, *, cores: int | None = None
+    ) -> "Engine":
         """Load one replica per device and warm each up (blocking: call off the event loop).
 
         With `cpu_workers` left at 0 the number of CPU replicas depends on the model's size, so
-        the first replica is loaded before the others are counted.
+        the first replica is loaded before the others are counted. `cores`: the CPU cores this
+        model's workers share (default: the machine's; a server of several models splits them).
         """
-        cores = os.cpu_count() or 1
+        cores = cores or os.cpu_count() or 1
         devices = settings.devices(torch.cuda.device_count(), cores)
         folder = checkpoint.resolve(settings.model) if settings.model else settings.model_dir
-        first = ModelAdapter(folder, settings.served_name, devices[0], settings.dtype)
+        fast = FastPathOptions(settings.compile, settings.quantize, settings.compile_cache_dir)
+        first = ModelAdapter(folder, settings.served_name, devices[0], settings.dtype, fast=fast)
         if "cpu" in devices and not settings.cpu_workers:
             parameters = sum(p.numel() for p in first.model.parameters())
             devices = settings.devices(torch.cuda.device_count(), cores, parameters)
@@ -96,16 +119,26 @@ class Engine:
             adapter = (
                 first
                 if index == 0
-                else ModelAdapter(folder, settings.served_name, device, settings.dtype)
+                else ModelAdapter(folder, settings.served_name, device, settings.dtype, fast=fast)
             )
             if settings.warmup:
                 started = time.monotonic()
                 adapter.warm_up()
                 log.info("warmed up on %s in %.2f s", device, time.monotonic() - started)
+            if adapter.fastpath.active:
+                figures = fastpath.figures()
+                log.info(
+                    "fast paths on %s: %s (so far %d graphs compiled in %.1f s, cache %s)",
+                    device,
+                    adapter.fastpath.describe(),
+                    figures.compiles,
+                    figures.seconds,
+                    figures.cache,
+                )
             adapters.append(adapter)
         # probed once, at start-up, on the replica that validates requests
         log.info("the encoder takes inputs of %d samples or more", first.min_samples)
-        return cls(settings, adapters, metrics)
+        return cls(settings, adapters, metrics, cores=cores)
 
     def start(self) -> None:
         self.pool.start()

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 
 from service.engine.buckets import bucket_samples
-from service.engine.types import Job
+from service.engine.types import GenerationParams, Job
 from service.errors import DeadlineExceeded, Overloaded, Unavailable
 
 SIMILAR_LENGTH = 1.5  # a batch's longest clip is at most this times its shortest
@@ -38,6 +38,7 @@ class Scheduler:
         padding_invariant: bool,
         length_free: bool = False,
         on_drop: Callable[[Job, str], None] | None = None,
+        steppable: Callable[[GenerationParams], bool] | None = None,
     ) -> None:
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000
@@ -48,6 +49,9 @@ class Scheduler:
         self.padding_invariant = padding_invariant
         self.length_free = length_free  # rows are encoded alone: any lengths may share a batch
         self.on_drop = on_drop or (lambda job, reason: None)
+        # continuous batching: jobs whose params decode step by step share a batch whatever
+        # their params and lengths (each row has its own decoding state and is encoded alone)
+        self.steppable = steppable
         self._jobs: list[Job] = []
         self._queued_samples = 0
         self._cond = threading.Condition()
@@ -210,7 +214,10 @@ class Scheduler:
             return picked
 
     def _compatible(self, lead: Job) -> list[Job]:
-        """The lead plus the most urgent jobs that may share its `generate` call."""
+        """The lead plus the most urgent jobs that may share its `generate` call, or, for a
+        lead that decodes step by step, its running batch."""
+        if self._stepped(lead):
+            return [lead, *self._rows(lead, self.max_batch_size - 1, lead.samples)]
         key = lead.params.batch_key()
         batch = [lead]
         shortest = longest = lead.samples
@@ -235,6 +242,47 @@ class Scheduler:
             batch.append(job)
             shortest, longest = lo, hi
         return batch
+
+    def _stepped(self, job: Job) -> bool:
+        return self.steppable is not None and self.steppable(job.params)
+
+    def _rows(self, lead: Job | None, room: int, held_samples: int) -> list[Job]:
+        """Up to `room` of the most urgent step-by-step jobs (other than `lead`) whose audio
+        fits the batch budget beside `held_samples`."""
+        picked: list[Job] = []
+        candidates = sorted(
+            (j for j in self._jobs if j is not lead and self._stepped(j)),
+            key=lambda j: (-j.priority, j.enqueued_at, j.id),
+        )
+        for job in candidates:
+            if len(picked) >= room:
+                break
+            if held_samples + job.samples <= self.max_batch_samples:
+                picked.append(job)
+                held_samples += job.samples
+        return picked
+
+    def join_running(self, room: int, held_samples: int) -> list[Job]:
+        """Work for a worker whose batch is running (never waits): the most urgent queued
+        jobs that may join it, up to `room` and the audio budget; or, when the most urgent job
+        must run through `generate` (beam search), that job's static batch, which the worker
+        runs between two steps."""
+        with self._cond:
+            self._drop_dead()
+            if not self._jobs:
+                return []
+            lead = self._lead()
+            if self._stepped(lead):
+                if room <= 0 or held_samples + lead.samples > self.max_batch_samples:
+                    return []
+                batch = [lead, *self._rows(lead, room - 1, held_samples + lead.samples)]
+            else:
+                batch = self._compatible(lead)
+            for job in batch:
+                self._remove(job)
+            uploads_waiting = any(j.priority <= 0 for j in self._jobs)
+            self._streak = self._streak + 1 if lead.priority > 0 and uploads_waiting else 0
+            return batch
 
     def _bucket(self, job: Job) -> int:
         return bucket_samples(job.samples, self.sampling_rate)

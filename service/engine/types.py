@@ -9,6 +9,8 @@ from typing import Literal
 
 import numpy as np
 
+from service.engine.timestamps import TimedSegment
+
 Task = Literal["transcribe", "translate"]
 _ids = itertools.count(1)
 
@@ -29,6 +31,8 @@ class GenerationParams:
     seed: int | None = None
     prompt: str | None = None
     words: bool = False  # word timestamps (cross-attention alignment after decoding)
+    # Whisper: decode with its timestamp tokens (no <|notimestamps|>), segments timed by them
+    timestamps: bool = False
 
     def batch_key(self) -> tuple[object, ...]:
         """Everything that must be equal within a batch (all fields: they all change decoding)."""
@@ -60,6 +64,8 @@ class Transcript:
     compute_seconds: float = 0.0
     batch_size: int = 1
     words: list[WordTiming] | None = None
+    # Whisper with `GenerationParams.timestamps`: the segments its timestamp tokens delimit
+    segments: "list[TimedSegment] | None" = None
 
     @property
     def avg_logprob(self) -> float:
@@ -78,6 +84,7 @@ class Job:
     priority: int = 0  # higher runs first (streaming partials)
     id: int = dataclasses.field(default_factory=lambda: next(_ids))
     enqueued_at: float = dataclasses.field(default_factory=time.monotonic)
+    started_at: float | None = None  # when its computation began (continuous batching)
     cancelled: bool = False  # set from the loop when the client leaves; read by workers
     # called on the worker thread with each generated token id and its log-probability
     # (greedy/sampling only)

@@ -14,10 +14,13 @@ an older one (only `forced_decoder_ids`) is refused at start-up with one message
 what is missing, rather than failing at the first request.
 """
 
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
+from service.engine.timestamps import TimedSegment, parse_segments
 from service.engine.types import GenerationParams
 from service.errors import InvalidRequest, StartupError, Unsupported
 
@@ -60,6 +63,8 @@ class WhisperSupport:
         self.max_target_positions = int(model.config.max_target_positions)
         # every token from <|endoftext|> on is special, a language, a task or a timestamp
         self.first_special = int(tokenizer.convert_tokens_to_ids("<|endoftext|>"))
+        # <|0.00|>: the first timestamp token, right after <|notimestamps|>
+        self.timestamp_begin = int(gen.no_timestamps_token_id) + 1
 
     @staticmethod
     def _check_ids(gen: Any, tokenizer: Any, where: str) -> None:
@@ -138,7 +143,33 @@ class WhisperSupport:
             kwargs["prompt_ids"] = ids.to(device)
             prompt = int(ids.shape[-1])
         kwargs["max_new_tokens"] = self.max_target_positions - _PROMPT_START_TOKENS - prompt
+        if params.timestamps:
+            # no <|notimestamps|>, and Whisper's timestamp rules while decoding
+            # (WhisperTimeStampLogitsProcessor); one `generate` call for the window, so the
+            # result keeps its per-step scores like any other
+            kwargs["return_timestamps"] = True
+            kwargs["force_unique_generate_call"] = True
         return kwargs
+
+    def segments(
+        self, generated: Sequence[int], logprobs: Sequence[float], eos_ids: set[int]
+    ) -> list[TimedSegment]:
+        """A row's segments from its generated ids (up to end of text), as its timestamp
+        tokens delimit them (`timestamps.parse_segments`)."""
+        ids: list[int] = []
+        scores: list[float] = []
+        for token, score in zip(generated, logprobs, strict=True):
+            if token in eos_ids:
+                break
+            ids.append(int(token))
+            scores.append(round(float(score), 4) if np.isfinite(score) else 0.0)
+        return parse_segments(
+            ids,
+            timestamp_begin=self.timestamp_begin,
+            first_special=self.first_special,
+            logprobs=scores,
+            decode=lambda t: str(self.tokenizer.decode(t, skip_special_tokens=True)),
+        )
 
     def language_used(self, prefix: list[int], params: GenerationParams) -> str | None:
         """The language a row was decoded in: the language token of its decoder prompt

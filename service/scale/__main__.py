@@ -97,6 +97,9 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, ScaleOptions]:
             where = ".".join(str(p) for p in error["loc"])
             print(f"{PROG}: invalid setting {where}: {error['msg']}", file=sys.stderr)
         raise SystemExit(2) from None
+    except ValueError as exc:  # settings valid alone that a cluster cannot serve (STT_MODELS)
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     return args, options
 
 

@@ -59,6 +59,14 @@ class ScaleOptions(BaseModel):
         explicit threads for CPU replicas (one worker using the CPUs Ray reserved for it,
         never the node's core count)."""
         base = Settings(**self.stt)
+        if base.models:
+            # a replica's CPUs/GPU are sized for one engine; splitting them between models
+            # would leave each a fraction Ray does not know about
+            raise ValueError(
+                "STT_MODELS (several models in one server) is not supported on Ray Serve: "
+                "deploy one application per model (each with its own STT_MODEL and route "
+                "prefix), or serve several models with python -m service"
+            )
         if self.replica_gpus == 0:
             workers = base.cpu_workers or 1
             threads = base.cpu_threads or max(1, int(self.replica_cpus) // workers)

@@ -113,8 +113,18 @@ def test_known_requests_move_the_counters_exactly(tiny_server: LiveServer) -> No
     assert delta(before, after, "stt_queue_wait_seconds_count") == k
     assert delta(before, after, "stt_real_time_factor_count") == k
     assert delta(before, after, "stt_stage_duration_seconds_count", stage="decode") == k
-    for stage in ("features", "encoder", "decoding", "detokenize"):
-        assert delta(before, after, "stt_stage_duration_seconds_count", stage=stage) == batches
+    # the engine's own loop: a batch is the requests that start together; it then takes
+    # decoder steps (each timed) and detokenizes each request as it finishes
+    steps = delta(before, after, "stt_decoder_step_duration_seconds_count", part="total")
+    assert steps >= max(len(seg["tokens"]) for r in responses for seg in r.json()["segments"])
+    assert delta(before, after, "stt_decoder_step_duration_seconds_count", part="model") == steps
+    assert delta(before, after, "stt_decoder_step_rows_count") == steps
+    assert delta(before, after, "stt_decoder_step_rows_sum") >= tokens
+    assert delta(before, after, "stt_rows_joined_total") == k
+    assert delta(before, after, "stt_rows_left_total", reason="finished") == k
+    expected = {"features": batches, "encoder": batches, "decoding": steps, "detokenize": k}
+    for stage, count in expected.items():
+        assert delta(before, after, "stt_stage_duration_seconds_count", stage=stage) == count
         assert delta(before, after, "stt_stage_duration_seconds_sum", stage=stage) > 0
     assert value(after, "stt_queue_depth") == 0
     assert value(after, "stt_queued_audio_seconds") == 0

@@ -37,31 +37,52 @@ def table_rows(stdout: str, first_cell: str) -> list[list[str]]:
     return rows
 
 
-def test_throughput_prints_three_modes_and_their_ratios(tmp_path: Path) -> None:
+def test_throughput_prints_each_mode_and_their_ratios(tmp_path: Path) -> None:
     stdout, rows = run(
         "bench.throughput",
         *("--requests", "8", "--concurrency", "4", "--min-seconds", "1", "--max-seconds", "2"),
+        *("--mixed", "--tiny", "--mixed-requests", "6"),
         out=tmp_path / "t.json",
     )
-    assert [r["mode"] for r in rows] == [
-        "(a) service, batching",
+    closed, mixed = rows[:4], rows[4:]
+    assert [r["mode"] for r in closed] == [
+        "(a) service, continuous",
+        "(a') service, static",
         "(b) service, one at a time",
         "(c) offline generate",
     ]
-    printed = table_rows(stdout, "(")[:3]
-    for row, cells in zip(rows, printed, strict=True):
+    printed = table_rows(stdout, "(")[:4]
+    for row, cells in zip(closed, printed, strict=True):
         assert cells[0] == row["mode"]
         assert float(cells[1]) == pytest.approx(row["audio_per_s"], abs=0.051)
         assert row["audio_per_s"] > 0
-    assert rows[1]["mean_batch"] == 1.0  # (b) really is one at a time
-    assert rows[0]["stages"]["encoder"] > 0  # the stage breakdown came from /metrics
+    assert closed[2]["mean_batch"] == 1.0  # (b) really is one at a time
+    assert closed[0]["stages"]["encoder"] > 0  # the stage breakdown came from /metrics
+    assert closed[1]["stages"]["encoder"] > 0
     ratios = re.search(
-        r"\(a\)/\(c\) throughput: ([\d.]+)x\s+\(a\)/\(b\) throughput: ([\d.]+)x", stdout
+        r"\(a\)/\(c\) throughput: ([\d.]+)x\s+\(a\)/\(b\) throughput: ([\d.]+)x\s+"
+        r"\(a\)/\(a'\) throughput: ([\d.]+)x",
+        stdout,
     )
     assert ratios is not None, stdout
-    a, b, c = (r["audio_per_s"] for r in rows)
+    a, static, b, c = (r["audio_per_s"] for r in closed)
     assert float(ratios.group(1)) == pytest.approx(a / c, abs=0.006)
     assert float(ratios.group(2)) == pytest.approx(a / b, abs=0.006)
+    assert float(ratios.group(3)) == pytest.approx(a / static, abs=0.006)
+    # (d): both modes at each load; only the continuous service takes decoder steps
+    assert [(r["mode"], r["load"]) for r in mixed] == [
+        (mode, load) for mode in ("(d) continuous", "(d) static") for load in (0.5, 0.9, 1.2)
+    ]
+    for row in mixed:
+        assert row["requests_per_s"] > 0
+        assert row["p95_all"] > 0
+        assert row["p95_short"] > 0
+        stepped = row["mode"] == "(d) continuous"
+        assert (row["rows_per_step"] is not None) == stepped
+        if stepped:
+            assert row["rows_per_step"] >= 1
+            assert row["step_total_s"] >= row["step_model_s"] > 0
+    assert len(table_rows(stdout, "(d)")) == 6
 
 
 def test_stream_reports_latencies_and_exact_finals(tmp_path: Path) -> None:
@@ -158,3 +179,27 @@ def test_stream_agreement_compares_stream_finals_with_uploads(tmp_path: Path) ->
     for d in result["disagreements"]:
         assert d["upload"] != d["stream"]
     assert json.loads(stdout[: stdout.index("}") + 1])["equal"] == result["equal"]
+
+
+def test_fastpath_prints_offline_and_service_rows_side_by_side(tmp_path: Path) -> None:
+    stdout, rows = run(
+        "bench.fastpath",
+        "throughput",
+        *("--skip-base-size", "--requests", "4", "--concurrency", "2", "--repeats", "1"),
+        *("--max-seconds", "2", "--modes", "eager fp32"),
+        out=tmp_path / "f.json",
+    )
+    assert [(r["clips"], r["mode"]) for r in rows] == [
+        ("1-2 s", "offline eager fp32"),
+        ("1-2 s", "service (defaults)"),
+        ("1-3 s", "offline eager fp32"),
+        ("1-3 s", "service (defaults)"),
+    ]
+    printed = table_rows(stdout, "w2v2-bert-commands-en")
+    assert len(printed) == 4
+    for row, cells in zip(rows, printed, strict=True):
+        assert float(cells[3]) == pytest.approx(row["audio_per_s"], abs=0.051)
+        assert row["audio_per_s"] > 0
+    assert rows[0]["same_tokens"] == 1.0  # the reference row against itself
+    assert rows[1]["client_cpu_s"] > 0  # the load generator's own cost is reported
+    assert rows[1]["compiles"] == 0  # the default compiles nothing

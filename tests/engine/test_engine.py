@@ -2,7 +2,7 @@
 
 import asyncio
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +11,35 @@ import torch
 
 from service.engine.engine import ClientGone, Engine
 from service.engine.types import GenerationParams
-from service.errors import ModelFailure, Unavailable
+from service.errors import DeadlineExceeded, ModelFailure, Unavailable
 from tests.checkpoints import KINDS
 from tests.conftest import settings_for
 
 PARAMS = GenerationParams(max_new_tokens=6)
+BATCHING = ("continuous", "static")
+
+
+def intercept(engine: Engine, before: Callable[[int, bool], None]) -> None:
+    """Call `before(rows, first)` ahead of each model call of the worker: a `generate` batch
+    (static batching; `first` always True) or a decoder step (continuous; `first` on the
+    rows' first step). `before` may raise to inject a fault."""
+    adapter = engine.pool.workers[0].adapter
+    if engine.settings.batching == "static":
+        transcribe = adapter.transcribe
+
+        def batch(audios, params, wanted=None, **kwargs):  # type: ignore[no-untyped-def]
+            before(len(audios), True)
+            return transcribe(audios, params, wanted, **kwargs)
+
+        adapter.transcribe = batch  # type: ignore[method-assign]
+        return
+    step = adapter.decoder_step
+
+    def decoder_step(ids, positions, self_mask, hidden, input_mask, cache):  # type: ignore[no-untyped-def]
+        before(ids.shape[0], cache is None)
+        return step(ids, positions, self_mask, hidden, input_mask, cache)
+
+    adapter.decoder_step = decoder_step  # type: ignore[method-assign]
 
 
 def clips(lengths: list[float]) -> list[np.ndarray]:
@@ -54,23 +78,19 @@ def test_batching_never_changes_a_transcript(engine_for, kind: str) -> None:
     assert [r.batch_size for r in alone] == [1] * len(audio)
     assert max(r.batch_size for r in together) > 1
     assert [r.tokens for r in together] == [r.tokens for r in alone]
-    if engine.info.encode_separately:  # rows encoded alone: every length shares one batch
+    stepped = engine.scheduler.steppable is not None and engine.adapter.steppable(PARAMS)
+    if engine.info.encode_separately or stepped:  # rows encoded alone: any lengths share
         assert max(r.batch_size for r in together) == len(audio)
     elif not engine.info.padding_invariant:  # only the 1.0 s bucket's five clips may share
         assert max(r.batch_size for r in together) <= 5
 
 
-def test_client_gone_while_queued_costs_no_compute(engine_for) -> None:
-    engine = engine_for(max_wait_ms=0, max_batch_size=1)
+@pytest.mark.parametrize("batching", BATCHING)
+def test_client_gone_while_queued_costs_no_compute(engine_for, batching: str) -> None:
+    engine = engine_for(max_wait_ms=0, max_batch_size=1, batching=batching)
     rows_run: list[int] = []
-    original = engine.pool.workers[0].adapter.transcribe
     gate = asyncio.Event()
-
-    def counting(audios, params, wanted=None, **kwargs):
-        rows_run.append(len(audios))
-        return original(audios, params, wanted, **kwargs)
-
-    engine.pool.workers[0].adapter.transcribe = counting  # type: ignore[method-assign]
+    intercept(engine, lambda rows, first: rows_run.append(rows) if first else None)
 
     async def run():
         first = asyncio.create_task(engine.transcribe(clips([1.0])[0], PARAMS))
@@ -85,23 +105,21 @@ def test_client_gone_while_queued_costs_no_compute(engine_for) -> None:
         return await engine.transcribe(clips([0.5])[0], PARAMS)
 
     assert asyncio.run(run()).tokens
-    assert sum(rows_run) <= 2  # first and third; the departed request never ran
+    assert 2 <= sum(rows_run) <= 2  # first and third; the departed request never ran
     assert engine.scheduler.depth == 0
 
 
-def test_a_failing_batch_fails_only_itself(engine_for) -> None:
-    engine = engine_for()
-    worker = engine.pool.workers[0]
-    original = worker.adapter.transcribe
+@pytest.mark.parametrize("batching", BATCHING)
+def test_a_failing_batch_fails_only_itself(engine_for, batching: str) -> None:
+    engine = engine_for(batching=batching)
     calls = {"n": 0}
 
-    def flaky(audios, params, wanted=None, **kwargs):
+    def flaky(rows: int, first: bool) -> None:
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("injected")
-        return original(audios, params, wanted, **kwargs)
 
-    worker.adapter.transcribe = flaky  # type: ignore[method-assign]
+    intercept(engine, flaky)
 
     async def run():
         with pytest.raises(ModelFailure, match="RuntimeError"):
@@ -112,27 +130,31 @@ def test_a_failing_batch_fails_only_itself(engine_for) -> None:
     assert engine.pool.alive == 1
 
 
-def test_out_of_memory_splits_the_batch(engine_for) -> None:
-    engine = engine_for(max_wait_ms=200, max_batch_size=4)
-    worker = engine.pool.workers[0]
-    original = worker.adapter.transcribe
+@pytest.mark.parametrize("batching", BATCHING)
+def test_out_of_memory_splits_the_batch(engine_for, batching: str) -> None:
+    engine = engine_for(max_wait_ms=200, max_batch_size=4, batching=batching)
+    audio = clips([1.0, 0.9, 1.1, 1.0])
+    alone = asyncio.run(_each_alone(engine, audio))
     sizes: list[int] = []
 
-    def small_memory(audios, params, wanted=None, **kwargs):
-        sizes.append(len(audios))
-        if len(audios) > 1:
+    def small_memory(rows: int, first: bool) -> None:
+        sizes.append(rows)
+        if rows > 1:
             raise torch.OutOfMemoryError("injected")
-        return original(audios, params, wanted, **kwargs)
 
-    worker.adapter.transcribe = small_memory  # type: ignore[method-assign]
+    intercept(engine, small_memory)
 
     async def run():
-        return await asyncio.gather(*(engine.transcribe(a, PARAMS) for a in clips([1.0] * 4)))
+        return await asyncio.gather(*(engine.transcribe(a, PARAMS) for a in audio))
 
     results = asyncio.run(run())
-    assert all(r.tokens for r in results)
-    assert sizes[0] == 4
-    assert sizes.count(1) == 4
+    assert [r.tokens for r in results] == [r.tokens for r in alone]
+    assert sizes[:7] == [4, 2, 1, 1, 2, 1, 1]  # halves, then rows alone
+    assert set(sizes[7:]) <= {1}  # continuous: the rows stay apart once split
+
+
+async def _each_alone(engine: Engine, audio: list[np.ndarray]) -> list:
+    return [await engine.transcribe(a, PARAMS) for a in audio]
 
 
 def test_a_dead_worker_is_replaced_and_its_request_answered(engine_for) -> None:
@@ -187,24 +209,26 @@ def test_busy_cpu_workers_split_the_cores() -> None:
         torch.set_num_threads(before)
 
 
-def test_windows_of_one_request_batch_together_and_leave_together(engine_for) -> None:
-    engine = engine_for(max_wait_ms=100, max_batch_size=4)
-    worker = engine.pool.workers[0]
-    original = worker.adapter.transcribe
-    batches: list[int] = []
-
-    def counting(audios, params, wanted=None, **kwargs):
-        batches.append(len(audios))
-        return original(audios, params, wanted, **kwargs)
-
-    worker.adapter.transcribe = counting  # type: ignore[method-assign]
+@pytest.mark.parametrize("batching", BATCHING)
+def test_windows_of_one_request_batch_together_and_leave_together(
+    engine_for, batching: str
+) -> None:
+    engine = engine_for(max_wait_ms=100, max_batch_size=4, batching=batching)
+    batches: list[int] = []  # rows starting (static: a batch; continuous: first steps)
+    steps: list[int] = []  # rows per model call
+    intercept(engine, lambda rows, first: (steps.append(rows), first and batches.append(rows)))
     pieces = clips([1.0] * 20)
 
     async def run():
         alone = [await engine.transcribe(p, PARAMS) for p in pieces[:8]]
-        del batches[:]
+        del batches[:], steps[:]
         whole = [r async for r in engine.transcribe_pieces(pieces[:8], PARAMS)]
-        assert batches == [4, 4]  # eight windows: two full batches, not eight requests
+        if batching == "static":
+            assert batches == [4, 4]  # eight windows: two full batches, not eight requests
+        else:  # the first four start together; each later one joins as a row leaves
+            assert batches[0] == 4
+            assert sum(batches) == 8
+            assert max(steps) == 4
         del batches[:]
         results = engine.transcribe_pieces(pieces, PARAMS)
         first = [await anext(results), await anext(results)]
@@ -219,8 +243,11 @@ def test_windows_of_one_request_batch_together_and_leave_together(engine_for) ->
     assert engine.scheduler.depth == 0  # nothing of the departed request is left queued
 
 
-def test_requests_arriving_while_a_batch_encodes_join_its_decoder_steps(engine_for) -> None:
-    engine = engine_for(max_wait_ms=0, max_batch_size=8)
+@pytest.mark.parametrize("batching", BATCHING)
+def test_requests_arriving_while_a_batch_encodes_join_its_decoder_steps(
+    engine_for, batching: str
+) -> None:
+    engine = engine_for(max_wait_ms=0, max_batch_size=8, batching=batching)
     assert engine.info.encode_separately  # a CPU engine: rows are encoded one by one
     adapter = engine.pool.workers[0].adapter
     original = adapter.features
@@ -250,3 +277,35 @@ def test_requests_arriving_while_a_batch_encodes_join_its_decoder_steps(engine_f
     alone, joined = asyncio.run(run())
     assert [r.batch_size for r in joined] == [4, 4, 4, 4]  # one batch, not 1 + 3
     assert [r.tokens for r in joined] == [r.tokens for r in alone]
+
+
+def test_a_row_past_its_deadline_leaves_the_running_batch_at_the_next_step(engine_for) -> None:
+    engine = engine_for(request_timeout_s=1.0)
+    adapter = engine.pool.workers[0].adapter
+    step = adapter.decoder_step
+    passed = threading.Event()
+    steps: list[list[int]] = []  # per step: each row's samples
+
+    def decoder_step(ids, positions, self_mask, hidden, input_mask, cache):  # type: ignore[no-untyped-def]
+        steps.append([int(n) for n in input_mask.sum(dim=1)])
+        if len(steps) == 2:  # the row is running: hold it until its deadline has passed
+            assert passed.wait(30)
+        return step(ids, positions, self_mask, hidden, input_mask, cache)
+
+    adapter.decoder_step = decoder_step  # type: ignore[method-assign]
+    left = engine.metrics.rows_left.labels(reason="deadline")
+    before = left._value.get()
+
+    async def run():
+        with pytest.raises(DeadlineExceeded):
+            await engine.transcribe(clips([1.0])[0], GenerationParams(max_new_tokens=40))
+        passed.set()
+        return await engine.transcribe(clips([0.5])[0], PARAMS)
+
+    assert asyncio.run(run()).tokens
+    assert left._value.get() == before + 1
+    # two steps (the first and the held one), then it left: every later step is the next
+    # request's alone
+    assert steps[:2] == [[16_000], [16_000]]
+    assert all(rows == [8_000] for rows in steps[2:])
+    assert engine.scheduler.depth == 0

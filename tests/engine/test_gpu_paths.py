@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from service.engine import engine as engine_module
 from service.engine.adapter import ModelAdapter
 from service.engine.engine import Engine
+from service.engine.fastpath import FastPathOptions
 from service.engine.types import GenerationParams
 from service.settings import DEFAULT_MODEL_DIR, Settings
 from tests.conftest import settings_for
@@ -188,9 +189,17 @@ class FakeCudaReplica(ModelAdapter):
 
     requested: ClassVar[list[tuple[str, str]]] = []
 
-    def __init__(self, model_dir: Path, name: str, device: str = "cpu", dtype: str = "auto"):
+    def __init__(
+        self,
+        model_dir: Path,
+        name: str,
+        device: str = "cpu",
+        dtype: str = "auto",
+        *,
+        fast: FastPathOptions | None = None,
+    ):
         FakeCudaReplica.requested.append((device, dtype))
-        super().__init__(model_dir, name, "cpu", "float32", encode_separately=False)
+        super().__init__(model_dir, name, "cpu", "float32", encode_separately=False, fast=fast)
         self.fake_device = device
 
 

@@ -4,9 +4,10 @@ that no accepted request is left without an answer and that the next request is 
 (a)-(d) run on a live in-thread server (tiny wav2vec2 + BERT checkpoint, one worker, batches of
 up to four; the worker is kept from the queue until four concurrent uploads are all queued
 (`QueueHold`), so they share one batch however slowly they arrive);
-the fault is injected into the worker's `adapter.transcribe`, as `tests/engine/test_engine.py`
-does. (e) is SIGTERM to a real `python -m service` under load with streaming sessions open, its
-worker held (`tests/held_service.py`) so that the uploads are queued when the signal arrives.
+the fault is injected ahead of the decoder step that starts a batch's rows (the worker's own
+decoding loop), as `tests/engine/test_engine.py` does. (e) is SIGTERM to a real
+`python -m service` under load with streaming sessions open, its worker held
+(`tests/held_service.py`) so that the uploads are queued when the signal arrives.
 """
 
 import asyncio
@@ -114,7 +115,7 @@ def error_code(response: httpx.Response) -> str:
     return str(response.json()["error"]["code"])
 
 
-Transcribe = Callable[..., Any]
+Before = Callable[[list[int]], None]  # sees each row's samples before the model runs them
 
 
 @pytest.fixture(scope="module")
@@ -133,16 +134,24 @@ def bodies() -> list[bytes]:
 
 
 @pytest.fixture
-def inject(server: LiveServer) -> tuple[Any, Transcribe]:
-    """The worker's adapter and its real `transcribe`; a test replaces the method with a fake
-    through `install` (monkeypatch undoes it after the test). A replacement worker thread keeps
-    the dead one's adapter, fake included."""
-    adapter = server.app.state.engine.pool.workers[0].adapter
-    return adapter, adapter.transcribe
+def inject(server: LiveServer) -> Any:
+    """The worker's adapter; a test calls `install` to run a function ahead of its model
+    calls (monkeypatch undoes it after the test). A replacement worker thread keeps the dead
+    one's adapter, fake included."""
+    return server.app.state.engine.pool.workers[0].adapter
 
 
-def install(monkeypatch: pytest.MonkeyPatch, adapter: Any, fake: Transcribe) -> None:
-    monkeypatch.setattr(adapter, "transcribe", fake)
+def install(monkeypatch: pytest.MonkeyPatch, adapter: Any, before: Before) -> None:
+    """Call `before(samples of each row)` ahead of every decoder step that starts rows (their
+    first step, where a batch of newcomers is formed); it may raise or block."""
+    step = adapter.decoder_step
+
+    def decoder_step(ids, positions, self_mask, hidden, input_mask, cache):  # type: ignore[no-untyped-def]
+        if cache is None:
+            before([int(n) for n in input_mask.sum(dim=1)])
+        return step(ids, positions, self_mask, hidden, input_mask, cache)
+
+    monkeypatch.setattr(adapter, "decoder_step", decoder_step)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,21 +161,20 @@ def install(monkeypatch: pytest.MonkeyPatch, adapter: Any, fake: Transcribe) -> 
 def test_poisoned_request_fails_alone_and_its_batch_mates_are_answered(
     server: LiveServer,
     bodies: list[bytes],
-    inject: tuple[Any, Transcribe],
+    inject: Any,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # The model raises on any batch holding the poisoned input (a 1.25 s clip; the others are
     # 1.5 s). The engine bisects the failing batch until the request that breaks it fails
     # alone: it gets 500 model_error, its three batch mates get their transcripts.
-    adapter, real = inject
+    adapter = inject
     poison_samples = 20_000
     sizes: list[int] = []
 
-    def poisoned(audios: list[np.ndarray], params: Any, wanted: Any = None, **kwargs: Any) -> Any:
-        sizes.append(len(audios))
-        if any(len(a) == poison_samples for a in audios):
+    def poisoned(samples: list[int]) -> None:
+        sizes.append(len(samples))
+        if poison_samples in samples:
             raise RuntimeError("injected: this input breaks the model")
-        return real(audios, params, wanted, **kwargs)
 
     failures = metric(server, "stt_batch_failures_total", error="model_error")
     restarts = metric(server, "stt_worker_restarts_total")
@@ -193,22 +201,19 @@ def test_poisoned_request_fails_alone_and_its_batch_mates_are_answered(
 def test_out_of_memory_splits_batches_until_every_request_is_answered(
     server: LiveServer,
     bodies: list[bytes],
-    inject: tuple[Any, Transcribe],
+    inject: Any,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # A device that only fits one request at a time: the batch is split in halves on each
     # out-of-memory error until the requests run alone, and every one gets its own transcript.
-    adapter, real = inject
+    adapter = inject
     alone = [post_all(server, [body])[0].json()["text"] for body in bodies]
     sizes: list[int] = []
 
-    def small_memory(
-        audios: list[np.ndarray], params: Any, wanted: Any = None, **kwargs: Any
-    ) -> Any:
-        sizes.append(len(audios))
-        if len(audios) > 1:
+    def small_memory(samples: list[int]) -> None:
+        sizes.append(len(samples))
+        if len(samples) > 1:
             raise torch.OutOfMemoryError("injected: out of memory")
-        return real(audios, params, wanted, **kwargs)
 
     failures = metric(server, "stt_batch_failures_total", error="out_of_memory")
     install(monkeypatch, adapter, small_memory)
@@ -233,20 +238,19 @@ class WorkerKilled(BaseException):
 def test_killed_worker_answers_its_requests_503_and_is_replaced(
     server: LiveServer,
     bodies: list[bytes],
-    inject: tuple[Any, Transcribe],
+    inject: Any,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # The thread running a batch dies: the requests of that batch cannot be finished and get
     # 503 unavailable with Retry-After (a retry will be served); a fresh thread takes over the
     # same model replica at once, so the next request is served.
-    adapter, real = inject
+    adapter = inject
     killed = threading.Event()
 
-    def dying(audios: list[np.ndarray], params: Any, wanted: Any = None, **kwargs: Any) -> Any:
+    def dying(samples: list[int]) -> None:
         if not killed.is_set():
             killed.set()
             raise WorkerKilled("injected: the worker thread dies")
-        return real(audios, params, wanted, **kwargs)
 
     restarts = metric(server, "stt_worker_restarts_total")
     install(monkeypatch, adapter, dying)
@@ -269,19 +273,19 @@ def test_killed_worker_answers_its_requests_503_and_is_replaced(
 def test_client_leaving_mid_request_is_counted_and_frees_the_worker(
     server: LiveServer,
     bodies: list[bytes],
-    inject: tuple[Any, Transcribe],
+    inject: Any,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # The worker holds the request (in `transcribe`, until released); the client gives up and
-    # closes its connection. The service notices the disconnect, counts a `client_gone`
-    # cancellation and a 499 (nobody to send an answer to), stops the row, and goes on serving.
-    adapter, real = inject
+    # The worker holds the request (before its first decoder step, until released); the
+    # client gives up and closes its connection. The service notices the disconnect, counts a
+    # `client_gone` cancellation and a 499 (nobody to send an answer to), stops the row, and
+    # goes on serving.
+    adapter = inject
     entered, release = threading.Event(), threading.Event()
 
-    def held(audios: list[np.ndarray], params: Any, wanted: Any = None, **kwargs: Any) -> Any:
+    def held(samples: list[int]) -> None:
         entered.set()
         release.wait(60)
-        return real(audios, params, wanted, **kwargs)
 
     gone = metric(server, "stt_cancellations_total", reason="client_gone")
     closed = metric(server, "stt_requests_total", endpoint=TRANSCRIBE, status="499")

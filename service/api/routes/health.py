@@ -20,12 +20,23 @@ async def health() -> dict[str, str]:
     },
 )
 async def ready(request: Request) -> JSONResponse:
-    engine = request.app.state.engine
-    if engine is None or not engine.ready:
-        reason = "loading" if engine is None else "no worker alive or draining"
-        return JSONResponse(
-            {"status": "not ready", "reason": reason}, status_code=503, headers={"Retry-After": "5"}
-        )
-    return JSONResponse(
-        {"status": "ready", "workers": engine.pool.alive, "queued": engine.scheduler.depth}
-    )
+    """Ready when every served model is (a client may name any of them); with several
+    models, `models` gives each one's workers and queue."""
+    engines = request.app.state.engines
+    if engines is None or not engines.ready:
+        reason = "loading" if engines is None else "no worker alive or draining"
+        body: dict[str, object] = {"status": "not ready", "reason": reason}
+        if engines is not None and len(engines) > 1:
+            body["not_ready"] = [e.settings.served_name for e in engines if not e.ready]
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
+    body = {
+        "status": "ready",
+        "workers": sum(e.pool.alive for e in engines),
+        "queued": sum(e.scheduler.depth for e in engines),
+    }
+    if len(engines) > 1:
+        body["models"] = {
+            e.settings.served_name: {"workers": e.pool.alive, "queued": e.scheduler.depth}
+            for e in engines
+        }
+    return JSONResponse(body)

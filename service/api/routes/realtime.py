@@ -29,6 +29,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 from service.api.observe import facts
 from service.api.routes.stream import client_of, release_slot
 from service.engine.engine import Engine
+from service.engine.registry import Engines
 from service.engine.types import GenerationParams
 from service.errors import ServiceError
 from service.metrics import Metrics
@@ -168,6 +169,7 @@ class Effective:
     rate: int
     params: GenerationParams
     model: str
+    engine: Engine = dataclasses.field(compare=False)  # the model's, looked up once
 
     @property
     def turn(self) -> ServerVad | None:
@@ -179,9 +181,10 @@ class Effective:
         return LOGPROBS in (self.session.include or [])
 
     def audio_key(self) -> tuple[object, ...]:
-        """What a running session cannot change: the audio format and turn detection."""
+        """What a running session cannot change: the audio format, turn detection and the
+        engine (another model means new turns, as another format does)."""
         inp = self.session.audio.input
-        return (self.encoding, self.rate, inp.turn_detection)
+        return (self.encoding, self.rate, inp.turn_detection, id(self.engine))
 
 
 def _merge(current: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -224,14 +227,18 @@ def _from_beta(session: dict[str, Any]) -> dict[str, Any]:
 
 
 class Configurator:
-    """Validates session configurations against the loaded model and the settings."""
+    """Validates session configurations against the served models and the settings."""
 
-    def __init__(self, engine: Engine, settings: Settings) -> None:
-        self.engine = engine
+    def __init__(self, engines: Engines, settings: Settings, model: str | None = None) -> None:
+        self.engines = engines
         self.settings = settings
+        self.model = model  # the connection's `?model=`: the session's model until one is set
 
     def default(self) -> dict[str, Any]:
-        return TranscriptionSession(type="transcription").model_dump(mode="json")
+        raw = TranscriptionSession(type="transcription").model_dump(mode="json")
+        if self.model:
+            raw["audio"]["input"]["transcription"]["model"] = self.model
+        return raw
 
     def check(self, raw: dict[str, Any]) -> Effective:
         """Raises `_ClientError` naming the first field that cannot be honoured."""
@@ -276,7 +283,7 @@ class Configurator:
                 code="unsupported",
                 param=f"{where}.noise_reduction",
             )
-        names = (self.settings.served_name, *self.settings.model_aliases)
+        names = self.engines.names()
         model = t.model or self.settings.served_name
         if model not in names:
             raise _ClientError(
@@ -284,6 +291,7 @@ class Configurator:
                 code="model_not_found",
                 param=f"{where}.transcription.model",
             )
+        engine = self.engines.get(model)
         if t.prompt is not None and len(t.prompt) > self.settings.max_prompt_chars:
             raise _ClientError(
                 f"prompt has {len(t.prompt)} characters; the limit is "
@@ -293,18 +301,16 @@ class Configurator:
         params = GenerationParams(
             language=t.language,
             prompt=t.prompt or None,
-            max_new_tokens=min(
-                self.settings.max_new_tokens, self.engine.adapter.default_max_new_tokens
-            ),
+            max_new_tokens=min(self.settings.max_new_tokens, engine.adapter.default_max_new_tokens),
         )
         try:
-            self.engine.adapter.validate(params)
+            engine.adapter.validate(params)
         except ServiceError as exc:
             raise _ClientError(
                 exc.message, code=exc.code, param=f"{where}.transcription.{exc.param or 'language'}"
             ) from None
         encoding, rate = _FORMATS[inp.format.type]
-        return Effective(session, encoding, rate, params, model)
+        return Effective(session, encoding, rate, params, model, engine)
 
 
 def render_session(effective: Effective, beta: bool) -> dict[str, Any]:
@@ -424,18 +430,18 @@ class RealtimeConnection:
     def __init__(
         self,
         websocket: WebSocket,
-        engine: Engine,
+        engines: Engines,
         settings: Settings,
         metrics: Metrics,
         beta: bool,
+        model: str | None = None,
     ) -> None:
         self.websocket = websocket
-        self.engine = engine
         self.settings = settings
         self.metrics = metrics
         self.beta = beta
         self.outbox = Outbox(websocket)
-        self.configurator = Configurator(engine, settings)
+        self.configurator = Configurator(engines, settings, model)
         self.raw = self.configurator.default()
         self.effective = self.configurator.check(self.raw)
         self.conversation = Conversation()
@@ -455,7 +461,8 @@ class RealtimeConnection:
     async def start_turns(self) -> None:
         """A `RealtimeTurns` for the effective configuration (loading a VAD model off-loop)."""
         eff = self.effective
-        rate = self.engine.info.sampling_rate
+        engine = eff.engine
+        rate = engine.info.sampling_rate
         turn = eff.turn
         if turn is None:
             endpointer = manual_endpointer(rate, self.settings.realtime_max_buffer_seconds)
@@ -480,11 +487,11 @@ class RealtimeConnection:
             partial_interval_ms=self.settings.realtime_partial_interval_ms,
         )
         self.turns = RealtimeTurns(
-            self.engine,
+            engine,
             config,
             eff.params,
             self.post,
-            self.metrics,
+            engine.metrics,  # this model's latencies (the same object with one model)
             endpointer,
             conversation=self.conversation,
             vad=turn is not None,
@@ -558,8 +565,8 @@ class RealtimeConnection:
             busy = turns.endpointer.in_speech or (turns.vad is False and turns.buffered_seconds)
             if busy:
                 raise _ClientError(
-                    "audio.input.format and turn_detection cannot change while the input "
-                    "audio buffer holds uncommitted audio: commit or clear it first",
+                    "audio.input.format, turn_detection and the model cannot change while the "
+                    "input audio buffer holds uncommitted audio: commit or clear it first",
                     code="invalid_state",
                     param="session.audio.input",
                 )
@@ -626,7 +633,7 @@ async def realtime(websocket: WebSocket) -> None:
     app = websocket.app
     settings: Settings = app.state.settings
     metrics: Metrics = app.state.metrics
-    engine: Engine | None = app.state.engine
+    engines: Engines | None = app.state.engines
     request_id = facts(websocket.scope).request_id
     offered = websocket.scope.get("subprotocols") or []
     await websocket.accept(
@@ -640,11 +647,11 @@ async def realtime(websocket: WebSocket) -> None:
             await websocket.send_text(json.dumps(error_event(message, code=error_code, kind=kind)))
             await websocket.close(code, message[:120])
 
-    problem = _query_problem(websocket, settings)
+    problem = _query_problem(websocket, engines)
     if problem is not None:
         await refuse(POLICY, problem[0], problem[1], "invalid_request_error")
         return
-    if engine is None or not engine.ready:
+    if engines is None or not engines.ready:
         metrics.rejections.labels(reason="unavailable").inc()
         await refuse(TRY_AGAIN_LATER, "unavailable", "the model is not ready", "server_error")
         return
@@ -674,7 +681,8 @@ async def realtime(websocket: WebSocket) -> None:
     metrics.streams_opened.inc()
     started = time.monotonic()
     reason = "error"
-    connection = RealtimeConnection(websocket, engine, settings, metrics, beta)
+    model = websocket.query_params.get("model") or None
+    connection = RealtimeConnection(websocket, engines, settings, metrics, beta, model)
     try:
         await connection.start_turns()
         connection.post(connection.session_event(created=True))
@@ -694,7 +702,7 @@ async def realtime(websocket: WebSocket) -> None:
         )
 
 
-def _query_problem(websocket: WebSocket, settings: Settings) -> tuple[str, str] | None:
+def _query_problem(websocket: WebSocket, engines: Engines | None) -> tuple[str, str] | None:
     """(code, message) when the query cannot be served: only transcription sessions are."""
     query = websocket.query_params
     unknown = sorted(set(query) - {"intent", "model", "api_key"})
@@ -706,7 +714,7 @@ def _query_problem(websocket: WebSocket, settings: Settings) -> tuple[str, str] 
             "only transcription sessions are served: connect to /v1/realtime?intent=transcription",
         )
     model = query.get("model") or ""
-    if model and model not in (settings.served_name, *settings.model_aliases):
+    if model and engines is not None and model not in engines.names():
         return "model_not_found", f"model {model!r} is not served here"
     return None
 

@@ -21,6 +21,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 from service.api.observe import facts
 from service.api.requests import check_caps, check_model
 from service.engine.engine import Engine
+from service.engine.registry import Engines
 from service.engine.types import GenerationParams
 from service.errors import InvalidRequest, ServiceError, error_event
 from service.metrics import Metrics
@@ -127,11 +128,11 @@ async def stream(websocket: WebSocket) -> None:
     app = websocket.app
     settings: Settings = app.state.settings
     metrics: Metrics = app.state.metrics
-    engine: Engine | None = app.state.engine
+    engines: Engines | None = app.state.engines
     request_id = facts(websocket.scope).request_id
     connection = _Connection(websocket, request_id)
     await websocket.accept(headers=[(b"x-request-id", request_id.encode())])
-    if engine is None or not engine.ready:
+    if engines is None or not engines.ready:
         metrics.rejections.labels(reason="unavailable").inc()
         await connection.close(TRY_AGAIN_LATER, "the model is not ready")
         return
@@ -161,8 +162,8 @@ async def stream(websocket: WebSocket) -> None:
     try:
         query = _query_config(websocket)
         if query is not None:
-            session = await _configure(query, engine, settings, metrics, connection)
-        reason = await _serve(websocket, connection, session, engine, settings, metrics, started)
+            session = await _configure(query, engines, settings, metrics, connection)
+        reason = await _serve(websocket, connection, session, engines, settings, metrics, started)
     finally:
         release_slot(app, metrics, client, reason)
         log.info(
@@ -179,14 +180,22 @@ async def stream(websocket: WebSocket) -> None:
 
 async def _configure(
     raw: dict[str, object],
-    engine: Engine,
+    engines: Engines,
     settings: Settings,
     metrics: Metrics,
     connection: _Connection,
 ) -> StreamSession | None:
-    """A session from a config, or None after an `error` event naming what is wrong."""
+    """A session from a config, or None after an `error` event naming what is wrong.
+
+    The config's `model` picks the engine (none: the default), looked up once here: the session
+    talks to that engine alone, with that model's settings. An unknown one is an
+    `invalid_config` error event with `param: model` (as every refused config field is).
+    """
     try:
         config = StreamConfig.model_validate(raw)
+        engine = engines.get(config.model)
+        settings = engine.settings
+        metrics = engine.metrics  # this model's latencies (the same object with one model)
         params = _params(config, engine, settings)
     except ValidationError as exc:
         first = exc.errors()[0]
@@ -236,7 +245,7 @@ async def _serve(
     websocket: WebSocket,
     connection: _Connection,
     session: StreamSession | None,
-    engine: Engine,
+    engines: Engines,
     settings: Settings,
     metrics: Metrics,
     started: float,
@@ -312,7 +321,7 @@ async def _serve(
                         "already_configured", "config must come before any audio"
                     )
                     continue
-                fresh = await _configure(event, engine, settings, metrics, connection)
+                fresh = await _configure(event, engines, settings, metrics, connection)
                 if fresh is not None:
                     if session is not None:
                         await session.abort()

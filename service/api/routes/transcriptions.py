@@ -14,7 +14,7 @@ from fastapi import APIRouter, Request, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from service.api import render
-from service.api.deps import EngineDep, SettingsDep
+from service.api.deps import EnginesDep
 from service.api.gate import DecodeGate
 from service.api.observe import RequestFacts, facts
 from service.api.requests import (
@@ -36,6 +36,7 @@ from service.audio.cost import DecodeEstimate, estimate_decode
 from service.audio.windows import Window, has_speech, plan_windows
 from service.engine.budget import Reservation
 from service.engine.engine import ClientGone, Engine
+from service.engine.registry import Engines
 from service.engine.types import GenerationParams, Job, Transcript
 from service.errors import (
     BadAudio,
@@ -165,6 +166,8 @@ async def _handle(
     check_model(engine, settings, body.model, body.language, body.prompt)
     if body.words:
         params = dataclasses.replace(params, words=True)
+    if body.segment_timestamps and engine.info.architecture == "whisper":
+        params = dataclasses.replace(params, timestamps=True)  # segments from its tokens
     record = facts(request.scope)
     record.response_format = body.response_format
     engine.adapter.validate(params)
@@ -496,6 +499,15 @@ async def _token_events(
         waiter.cancel()
 
 
+def _engine_for(request: Request, engines: Engines, body: TranscriptionRequest) -> Engine:
+    """The engine of the model the request names (none: the default), looked up once; its
+    settings (`Engine.settings`: that model's name, aliases and language) go with it. An
+    unknown name is 404 `model_not_found`."""
+    engine = engines.get(body.model)
+    facts(request.scope).model = engine.settings.served_name
+    return engine
+
+
 @router.post(
     "/v1/audio/transcriptions",
     responses=_RESPONSES,
@@ -504,9 +516,10 @@ async def _token_events(
     openapi_extra=request_body_schema("transcribe"),
 )
 async def transcriptions(
-    request: Request, engine: EngineDep, settings: SettingsDep, body: TranscriptionForm
+    request: Request, engines: EnginesDep, body: TranscriptionForm
 ) -> Response:
-    return await _handle(request, engine, settings, body)
+    engine = _engine_for(request, engines, body)
+    return await _handle(request, engine, engine.settings, body)
 
 
 @router.post(
@@ -516,10 +529,9 @@ async def transcriptions(
     summary="Translate an audio file (into English, or `language` where supported)",
     openapi_extra=request_body_schema("translate"),
 )
-async def translations(
-    request: Request, engine: EngineDep, settings: SettingsDep, body: TranslationForm
-) -> Response:
-    return await _handle(request, engine, settings, body)
+async def translations(request: Request, engines: EnginesDep, body: TranslationForm) -> Response:
+    engine = _engine_for(request, engines, body)
+    return await _handle(request, engine, engine.settings, body)
 
 
 __all__ = ["TranscriptionJSON", "TranscriptionVerbose", "router"]
