@@ -159,6 +159,28 @@ def test_attacks_reports_each_attack(tmp_path: Path) -> None:
     assert len(report["streams"]["partials_per_session"]) == 8
 
 
+def test_stream_agreement_compares_stream_finals_with_uploads(tmp_path: Path) -> None:
+    from model_store.multisynth import Mix, synthesize
+
+    corpus = tmp_path / "corpus"
+    for mix in (
+        Mix("test_espeak", espeak=3, espeak_group="test", wpm=(100, 240), condition="light"),
+        Mix("test_flite", flite=3, condition="light", seed=3),
+        Mix("test_nonspeech", empty=2, condition="light", seed=4),
+    ):
+        synthesize(mix, corpus, workers=1)
+    stdout, result = run(
+        "bench.stream_agreement", "--corpus", str(corpus), "--count", "6", out=tmp_path / "a.json"
+    )
+    assert result["utterances"] == 6
+    assert result["equal"] == 6 - len(result["disagreements"])
+    assert result["equal_share"] == pytest.approx(result["equal"] / 6, abs=1e-4)
+    assert result["nonspeech_clips"] == 2
+    for d in result["disagreements"]:
+        assert d["upload"] != d["stream"]
+    assert json.loads(stdout[: stdout.index("}") + 1])["equal"] == result["equal"]
+
+
 def test_fastpath_prints_offline_and_service_rows_side_by_side(tmp_path: Path) -> None:
     stdout, rows = run(
         "bench.fastpath",

@@ -7,12 +7,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import BertConfig, BertLMHeadModel, Wav2Vec2Config, Wav2Vec2Model
+from transformers import (
+    BertConfig,
+    BertLMHeadModel,
+    SpeechEncoderDecoderModel,
+    Wav2Vec2Config,
+    Wav2Vec2Model,
+)
 
 from model_store import compose
 from model_store.__main__ import main as model_store_main
 from model_store.corpus import CorpusSplit, SplitSpec, synthesize_split, variant_groups
 from model_store.domain import VOCABULARY, sentence
+from model_store.evaluate import score, word_error_rate
 from model_store.train import TrainConfig, Trainer
 from service.engine.adapter import ModelAdapter
 from service.engine.types import GenerationParams
@@ -215,3 +222,66 @@ def test_resume_after_interruption_gives_the_same_next_loss(
     assert losses_b[3] == pytest.approx(losses_a[3], rel=1e-5)
     adapter = ModelAdapter(tmp_path / "b" / "final", "trained")
     assert adapter.info.architecture == "wav2vec2+bert"
+
+
+def test_time_budget_stops_with_a_checkpoint_that_resumes(
+    tiny_init: Path, tiny_corpus: Path, tmp_path: Path
+) -> None:
+    """`max_minutes` spent: the run evaluates, saves `last`, exports `final`; a later run with a
+    budget left goes on from that step to `max_steps`."""
+    cfg = _train_config(tiny_init, tiny_corpus, tmp_path / "run", steps=5)
+    cfg.max_minutes = 1e-9  # spent after the first step
+    cfg.save_every = 1000
+    first = Trainer(cfg)
+    assert first.run() == tmp_path / "run" / "final"
+    assert first.step == 1
+    assert "dev_wer" in first.history[-1]  # evaluated before stopping
+    assert (tmp_path / "run" / "final" / "model.safetensors").exists()
+    cfg.max_minutes = 0.0
+    again = Trainer(cfg)
+    assert again.step == 1
+    again.run()
+    assert again.step == 5
+    assert [r["step"] for r in again.history] == [1, 2, 3, 4, 5]
+
+
+def test_export_best_takes_the_lowest_dev_wer_checkpoint(
+    tiny_init: Path, tiny_corpus: Path, tmp_path: Path
+) -> None:
+    cfg = _train_config(tiny_init, tiny_corpus, tmp_path / "run", steps=4)
+    cfg.eval_every = 1
+    cfg.export_best = True
+    trainer = Trainer(cfg)
+    final = trainer.run()
+    assert final is not None
+    wers = [r["dev_wer"] for r in trainer.history]
+    best_step = wers.index(min(wers)) + 1  # the first step with the lowest WER
+    best = json.loads((tmp_path / "run" / "best" / "trainer_state.json").read_text())
+    assert best["step"] == best_step
+    exported = SpeechEncoderDecoderModel.from_pretrained(final).state_dict()
+    kept = SpeechEncoderDecoderModel.from_pretrained(tmp_path / "run" / "best").state_dict()
+    assert all(torch.equal(exported[k], kept[k]) for k in kept)
+
+
+def test_frozen_convolutions_do_not_change(
+    tiny_init: Path, tiny_corpus: Path, tmp_path: Path
+) -> None:
+    cfg = _train_config(tiny_init, tiny_corpus, tmp_path / "run", steps=3)
+    cfg.freeze_conv_layers = 1
+    trainer = Trainer(cfg)
+    convs = trainer.model.encoder.feature_extractor.conv_layers  # type: ignore[union-attr]
+    before = [layer.conv.weight.detach().clone() for layer in convs]
+    for _ in range(3):
+        trainer.train_step(list(range(8)))
+    assert torch.equal(convs[0].conv.weight, before[0])
+    assert not torch.equal(convs[1].conv.weight, before[1])
+
+
+def test_error_rates_count_words_said_to_silence() -> None:
+    """A clip without speech has an empty reference: each word said to it is an insertion."""
+    assert word_error_rate(["", "one two"], ["three", "one two"]) == 0.5
+    assert word_error_rate(["", "one two"], ["", "one"]) == 0.5
+    assert word_error_rate(["one two"], [""]) == 1.0
+    nonspeech = score("nonspeech", ["", ""], ["go left", ""], 2.0)
+    assert nonspeech.wer == 2.0  # no reference words: the count of words output
+    assert nonspeech.exact_match == 0.5
