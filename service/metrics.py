@@ -115,18 +115,21 @@ class _EngineCollector:
         )
         tasks = GaugeMetricFamily(self.NAMES[5], "Tasks alive on the server's event loop", labels=m)
         threads = GaugeMetricFamily(self.NAMES[6], "Threads alive in the process", labels=m)
-        # torch.compile's figures are the process's (its compiler state is): no model label
+        # torch.compile's figures are the process's (its compiler state is): like the threads,
+        # no model's (model="" when the families are split by model)
         compiles = CounterMetricFamily(
-            self.NAMES[7], "Graphs torch.compile built (first compiles and recompiles)"
+            self.NAMES[7], "Graphs torch.compile built (first compiles and recompiles)", labels=m
         )
-        compile_seconds = CounterMetricFamily(self.NAMES[8], "Wall time spent compiling")
+        compile_seconds = CounterMetricFamily(self.NAMES[8], "Wall time spent compiling", labels=m)
         eager_calls = CounterMetricFamily(
-            self.NAMES[9], "Calls of a compiled module run eagerly (short inputs, attention)"
+            self.NAMES[9],
+            "Calls of a compiled module run eagerly (short inputs, attention)",
+            labels=m,
         )
         lookups = CounterMetricFamily(
             self.NAMES[10],
             "Compile cache lookups on disk, by cache (fx_graph, aot_autograd) and result",
-            labels=["cache", "result"],
+            labels=[*m, "cache", "result"],
         )
         if live:
             shared = [""] if self.by_model else []  # the process's, no model's
@@ -151,12 +154,12 @@ class _EngineCollector:
                     reserved.add_metric([*key, device], torch.cuda.memory_reserved(device))
             figures = next((st.compiles() for st in states.values() if st.compiles), None)
             if figures is not None:
-                compiles.add_metric([], figures.compiles)
-                compile_seconds.add_metric([], figures.seconds)
-                eager_calls.add_metric([], figures.eager_calls)
+                compiles.add_metric(shared, figures.compiles)
+                compile_seconds.add_metric(shared, figures.seconds)
+                eager_calls.add_metric(shared, figures.eager_calls)
                 for lookup, count in sorted(figures.cache.items()):
                     cache, result = lookup.rsplit("_", 1)
-                    lookups.add_metric([cache, result], count)
+                    lookups.add_metric([*shared, cache, result], count)
         yield from (depth, queued, up, allocated, reserved, tasks, threads)
         yield from (compiles, compile_seconds, eager_calls, lookups)
 

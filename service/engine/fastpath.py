@@ -23,7 +23,6 @@ written under `cache_dir` (`TORCHINDUCTOR_CACHE_DIR`), and a second start finds 
 
 import contextlib
 import dataclasses
-import functools
 import logging
 import os
 import threading
@@ -97,24 +96,28 @@ _stats_lock = threading.Lock()
 _started: dict[str, float] = {}
 
 
-@functools.cache
+def _compile_started(args: Any) -> None:
+    with _stats_lock:
+        _started[args.compile_id] = time.perf_counter()
+
+
+def _compile_ended(args: Any) -> None:
+    with _stats_lock:
+        began = _started.pop(args.compile_id, None)
+        stats.compiles += 1
+        if began is not None:
+            stats.seconds += time.perf_counter() - began
+
+
 def _count_compiles() -> None:
-    """Register (once per process) the compiler callbacks that fill `stats`."""
-    from torch._dynamo.callback import CallbackArgs, on_compile_end, on_compile_start
+    """Register the compiler callbacks that fill `stats`, unless they are registered: checked
+    on every call, because `torch._dynamo.reset()` clears every registered callback."""
+    from torch._dynamo.callback import callback_handler
 
-    def start(args: CallbackArgs) -> None:
-        with _stats_lock:
-            _started[args.compile_id] = time.perf_counter()
-
-    def end(args: CallbackArgs) -> None:
-        with _stats_lock:
-            began = _started.pop(args.compile_id, None)
-            stats.compiles += 1
-            if began is not None:
-                stats.seconds += time.perf_counter() - began
-
-    on_compile_start(start)
-    on_compile_end(end)
+    if _compile_started not in callback_handler.start_callbacks:
+        callback_handler.register_start_callback(_compile_started)
+    if _compile_ended not in callback_handler.end_callbacks:
+        callback_handler.register_end_callback(_compile_ended)
 
 
 def use_cache_dir(cache_dir: Path | None) -> None:

@@ -182,6 +182,7 @@ def test_every_metric_carries_the_model_label(server: LiveServer, wav: bytes) ->
     assert by_name["stt_queue_depth"] == {"commands", "gpt2", "whisper"}
     assert by_name["stt_threads"] == {""}  # the process's, no model's
     assert by_name["stt_inflight_audio_seconds"] == {""}  # one budget for every model
+    assert by_name["stt_compiles_total"] == {""}  # the process's compiler, no model's
     assert "stt_model_info" in families
     info = {dict(labels)["model"]: dict(labels) for (n, labels) in found if n == "stt_model_info"}
     assert info["gpt2"]["architecture"] == "hubert+gpt2"

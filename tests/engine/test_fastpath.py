@@ -42,9 +42,8 @@ def tokens(adapter: ModelAdapter) -> list[list[int]]:
 
 
 def compiled_matches_eager(model_dir: Path, mode: str) -> None:
-    # a fresh compiler per checkpoint: after three other checkpoints compiled in this process,
-    # Whisper's encoder compiled nothing at warm-up (passes alone; cause not found yet, see
-    # README Fast paths: several compiled models in one process are not verified)
+    # a fresh compiler per checkpoint (its graphs and guards), so that each checkpoint's own
+    # compiles are counted; the compile counter survives the reset (`_count_compiles`)
     torch._dynamo.reset()
     eager = tokens(ModelAdapter(model_dir, "tiny"))
     before = fastpath.stats.compiles
@@ -63,8 +62,10 @@ def compiled_matches_eager(model_dir: Path, mode: str) -> None:
     assert tokens(fast) == eager
     assert fastpath.stats.compiles == warmed  # every shape served after warm-up was compiled
     if mode == "all":
-        assert calls  # the hook saw the steps
-        assert not any(calls)  # and none of them fell back to eager
+        assert len(calls) > 1  # the hook saw the steps
+        # and none of the steps after a request's first fell back to eager (Whisper's generate
+        # makes its first decoder call without a cache object, which runs eagerly by design)
+        assert sum(calls) <= len(LENGTHS) + 1  # one generate per clip alone, one batch
 
 
 @pytest.mark.slow
