@@ -5,7 +5,7 @@
     python -m bench.throughput --base-size --mixed  # + mixed lengths, Poisson arrivals
 
 Each row is measured in the same run on the same clips: (a) the service with continuous
-batching (the engine's own decoding loop, the default), (a') the same service with static
+batching (the own decoding loop, `STT_BATCHING=continuous`), (a') the same service with static
 batching (`STT_BATCHING=static`: one `generate` per batch), (b) the same service with
 `max_batch_size=1` and one worker (a plain FastAPI + `generate` server), all real uvicorn
 servers driven over HTTP by `--concurrency` clients; (c) the offline limit, the model's adapter
@@ -279,7 +279,12 @@ def main(argv: list[str] | None = None) -> None:
         workers = {"STT_CPU_WORKERS": str(args.cpu_workers)} if args.cpu_workers else {}
         rows = [
             run_service(
-                "(a) service, continuous", model_dir, clips, args, args.max_batch_size, workers
+                "(a) service, continuous",
+                model_dir,
+                clips,
+                args,
+                args.max_batch_size,
+                {**workers, "STT_BATCHING": "continuous"},
             ),
             run_service(
                 "(a') service, static",
@@ -353,7 +358,10 @@ def run_mixed(
         "STT_MAX_REQUEST_TIMEOUT_S": "3600",
         **workers,
     }
-    modes = {"(d) continuous": env, "(d) static": {**env, "STT_BATCHING": "static"}}
+    modes = {
+        "(d) continuous": {**env, "STT_BATCHING": "continuous"},
+        "(d) static": {**env, "STT_BATCHING": "static"},
+    }
     bodies = [wav_bytes(c, RATE) for c in chosen]
     with running_server(model_dir, modes["(d) static"]) as server:
         asyncio.run(_open_loop(server.url, bodies[:4], tokens[:4], None))  # warm-up

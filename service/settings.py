@@ -134,7 +134,7 @@ class Settings(BaseSettings):
 
     # --- batching and queueing ---
     batching: Literal["continuous", "static"] = Field(
-        "continuous",
+        "static",
         description="`continuous`: the engine's own loop, one decoder step at a time, rows "
         "joining and leaving between steps; `static`: each batch is one `generate` call.",
     )

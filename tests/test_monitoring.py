@@ -179,6 +179,17 @@ EXPECTED: dict[str, Callable[[Result], bool]] = {
     "sum by (reason) (rate(stt_streams_closed_total[W]))": (
         lambda r: labels(r, "reason") == {"end"} and positive(r)
     ),
+    # defaults: STT_COMPILE=off compiles nothing, STT_BATCHING=static takes no decoder step
+    "rate(stt_compiles_total[W])": lambda r: len(r) == 1 and empty_or_zero(r),
+    "rate(stt_compile_seconds_total[W])": lambda r: len(r) == 1 and empty_or_zero(r),
+    "rate(stt_compile_eager_calls_total[W])": lambda r: len(r) == 1 and empty_or_zero(r),
+    "sum by (cache, result) (rate(stt_compile_cache_lookups_total[W]))": empty_or_zero,
+    "sum by (part) (rate(stt_decoder_step_duration_seconds_sum[W]))": empty_or_zero,
+    "sum(rate(stt_decoder_step_rows_sum[W])) / sum(rate(stt_decoder_step_rows_count[W]))": (
+        lambda r: all(math.isnan(v) for v in values(r))  # no step: no rows per step
+    ),
+    "sum(rate(stt_rows_joined_total[W]))": empty_or_zero,
+    "sum by (reason) (rate(stt_rows_left_total[W]))": empty_or_zero,
 }
 
 
