@@ -91,8 +91,14 @@ def test_three_minutes_give_one_segment_per_utterance(
         assert abs(segment["start"] - start) <= 0.5
         assert abs(segment["end"] - end) <= 0.5
     expected = [alone(server, voice) for voice in three_minutes.utterances]
-    assert [s["text"] for s in segments] == expected
-    assert verbose["text"] == " ".join(expected)
+    # each segment as its utterance uploaded alone, for >= 95% of them (issue 21's agreement
+    # target: the second-edition bundled model still depends a little on the silence around
+    # speech; the first edition agreed on all of these)
+    same = sum(s["text"] == e for s, e in zip(segments, expected, strict=True))
+    assert same >= 0.95 * len(expected), [
+        (s["text"], e) for s, e in zip(segments, expected, strict=True) if s["text"] != e
+    ]
+    assert verbose["text"] == " ".join(s["text"] for s in segments)
     assert post(server, three_minutes.audio).json()["text"] == verbose["text"]
 
 
