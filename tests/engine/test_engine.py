@@ -280,7 +280,7 @@ def test_requests_arriving_while_a_batch_encodes_join_its_decoder_steps(
 
 
 def test_a_row_past_its_deadline_leaves_the_running_batch_at_the_next_step(engine_for) -> None:
-    engine = engine_for(request_timeout_s=1.0)
+    engine = engine_for(request_timeout_s=1.0, batching="continuous")
     adapter = engine.pool.workers[0].adapter
     step = adapter.decoder_step
     passed = threading.Event()
