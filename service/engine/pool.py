@@ -293,15 +293,7 @@ class Worker:
 
     def run_batch(self, batch: list[Job]) -> None:
         """Run one batch; every job in it ends resolved or failed."""
-        live = []
-        for job in batch:
-            if job.expired():
-                job.fail(DeadlineExceeded("the request's deadline passed before it ran"))
-                self.pool.on_drop(job, "deadline")
-            elif job.cancelled or job.future.done():
-                self.pool.on_drop(job, "client_gone")
-            else:
-                live.append(job)
+        live = self._live(batch)
         if live:
             self._generate(live)
 
